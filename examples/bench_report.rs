@@ -1,0 +1,98 @@
+//! Every benchmark case of the crate, under the case names of shared/anchors/torch_anchors.py:
+//! one line per case (`case  median_us  TFLOP/s  GB/s  %roofline`, plus the ratio to torch when an
+//! anchors JSON from the same machine is given), and a JSON file
+//! `{case: {"us": …, "tflops": …, "gbps": …}}`.
+//!
+//!     cargo run --release --example bench_report -- [--filter F] [--json FILE] [--anchors FILE]
+
+use std::collections::BTreeMap;
+
+use clap::Parser;
+use moekit::bench::{cases, header, Roofline, SuiteOptions};
+use moekit::Context;
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(about = "moekit's benchmark report")]
+struct Args {
+    /// Only cases whose name contains one of these comma-separated substrings.
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<String>,
+    /// torch_anchors.py's JSON from the same machine: adds a "torch_us" and "x_torch" column.
+    #[arg(long)]
+    anchors: Option<String>,
+    /// Token counts of the per-model cases.
+    #[arg(long, default_value = "128,4096,16384", value_delimiter = ',')]
+    tokens: Vec<usize>,
+    /// Timed repetitions per case (after 5 warm-ups).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("bench_report: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = Context::new(0)?;
+    let anchors: BTreeMap<String, Value> = match &args.anchors {
+        Some(path) => serde_json::from_str(&std::fs::read_to_string(path)?)?,
+        None => BTreeMap::new(),
+    };
+    let filters: Vec<&str> = args.filter.split(',').filter(|f| !f.is_empty()).collect();
+    let opts = SuiteOptions {
+        tokens: args.tokens.clone(),
+        ..SuiteOptions::default()
+    };
+    let mut roof = Roofline::default();
+    println!(
+        "# {}, {} SMs, {} MB L2",
+        ctx.device_name(),
+        ctx.sm_count(),
+        ctx.l2_bytes() >> 20
+    );
+    println!("{}  {:>9} {:>8}", header(), "torch_us", "x_torch");
+    let mut out = BTreeMap::new();
+    for spec in cases(&opts) {
+        // The copy ceiling always runs first: it sets the roofline of every later case.
+        let is_ceiling = spec.name.starts_with("ceiling/");
+        if !is_ceiling && !filters.is_empty() && !filters.iter().any(|f| spec.name.contains(f)) {
+            continue;
+        }
+        let mut case = spec.build(&ctx)?;
+        let result = case.measure(5, args.reps)?;
+        drop(case);
+        if is_ceiling {
+            roof.copy_gbps = result.gbps().unwrap_or(roof.copy_gbps);
+        }
+        let torch_us = anchors.get(&result.case).and_then(|a| a["us"].as_f64());
+        let ratio = torch_us.map(|t| t / result.median_us);
+        println!(
+            "{}  {:>9} {:>8}",
+            result.line(&roof),
+            torch_us.map_or("-".into(), |t| format!("{t:.1}")),
+            ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+        );
+        out.insert(
+            result.case.clone(),
+            json!({
+                "us": result.median_us,
+                "tflops": result.tflops(),
+                "gbps": result.gbps(),
+                "roofline_pct": result.roofline_pct(&roof),
+                "torch_us": torch_us,
+            }),
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}

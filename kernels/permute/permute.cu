@@ -1,0 +1,124 @@
+// permute: copies each token row to the permuted rows of its k assignments (a scatter by token),
+// and zero-fills each expert segment's padding rows.
+//
+// Floor: read T*H elements once, write T*k*H: at DeepSeek-V3 T = 4096 (H = 7168, k = 8, bf16)
+// 59 MB + 470 MB = 529 MB, 124 us at 4.25 TB/s. Walking tokens (not permuted rows) reads each token
+// row exactly once, so the floor is also the traffic; the k stores of one loaded vector go to k
+// different rows, each written with full 16-byte stores.
+#include <algorithm>
+#include <cstdint>
+
+#include "device/launch.cuh"
+#include "device/load.cuh"
+#include "moekit.h"
+
+namespace moekit {
+namespace permute {
+
+constexpr int kWarps = 8;
+constexpr int kUnroll = 4;  // vectors each lane loads before its first store
+
+template <int VW>
+struct alignas(VW) Bytes {
+  unsigned char b[VW];
+};
+
+// Copies one row of n_vec VW-byte vectors from src to every dst row in rows[0..k) that is >= 0.
+template <int VW>
+__device__ __forceinline__ void scatter_row(const unsigned char *src, unsigned char *dst_base, int64_t row_bytes,
+                                            const int *rows, int k, int64_t n_vec, int lane) {
+  for (int64_t v0 = lane; v0 < n_vec; v0 += 32 * kUnroll) {
+    Bytes<VW> val[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + u * 32;
+      if (v < n_vec) val[u] = ldg(reinterpret_cast<const Bytes<VW> *>(src) + v);
+    }
+    for (int j = 0; j < k; ++j) {
+      const int r = rows[j];
+      if (r < 0) continue;
+      Bytes<VW> *dst = reinterpret_cast<Bytes<VW> *>(dst_base + r * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + u * 32;
+        if (v < n_vec) st(dst + v, val[u]);
+      }
+    }
+  }
+}
+
+template <int VW>
+__device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int lane) {
+  Bytes<VW> z;
+#pragma unroll
+  for (int i = 0; i < VW; ++i) z.b[i] = 0;
+  for (int64_t v = lane; v < n_vec; v += 32) st(reinterpret_cast<Bytes<VW> *>(dst) + v, z);
+}
+
+// Blocks [0, token_blocks) scatter tokens, one warp per token; the remaining blocks zero the
+// padding rows, one warp per (expert, padding slot) candidate.
+template <int VW>
+__global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permute_params p, const int64_t token_blocks) {
+  __shared__ int rows_smem[kWarps][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t n_vec = p.row_bytes / VW;
+  const int64_t scale_words = p.scale_bytes / 4;
+  if (blockIdx.x < token_blocks) {
+    const int64_t t = (int64_t)blockIdx.x * kWarps + warp;
+    if (t >= p.tokens) return;
+    int *rows = rows_smem[warp];
+    if (lane < p.top_k) rows[lane] = __ldg(p.inverse_map + t * p.top_k + lane);
+    __syncwarp();
+    scatter_row<VW>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
+                    p.row_bytes, rows, p.top_k, n_vec, lane);
+    if (scale_words > 0) {
+      scatter_row<4>(static_cast<const unsigned char *>(p.x_scales) + t * p.scale_bytes,
+                     static_cast<unsigned char *>(p.xp_scales), p.scale_bytes, rows, p.top_k, scale_words, lane);
+    }
+    return;
+  }
+  const int64_t f = (blockIdx.x - token_blocks) * kWarps + warp;
+  const int64_t pads = (int64_t)p.num_local * (p.align - 1);
+  if (f >= pads) return;
+  const int e = (int)(f / (p.align - 1));
+  const int r = __ldg(p.expert_offsets + e) + __ldg(p.expert_counts + e) + (int)(f % (p.align - 1));
+  if (r >= __ldg(p.expert_offsets + e + 1)) return;
+  zero_row<VW>(static_cast<unsigned char *>(p.xp) + r * p.row_bytes, n_vec, lane);
+  if (scale_words > 0) zero_row<4>(static_cast<unsigned char *>(p.xp_scales) + r * p.scale_bytes, scale_words, lane);
+}
+
+template <int VW>
+moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
+  const int64_t token_blocks = ceil_div(p.tokens, kWarps);
+  const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
+  const int64_t blocks = token_blocks + pad_blocks;
+  if (blocks == 0) return MOEKIT_OK;
+  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  permute_kernel<VW><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
+  return last_launch_status();
+}
+
+}  // namespace permute
+}  // namespace moekit
+
+extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_stream stream) {
+  using namespace moekit::permute;
+  if (p == nullptr || p->tokens < 0 || p->top_k < 1 || p->top_k > 32 || p->row_bytes < 1 || p->align < 1 ||
+      p->num_local < 1 || p->scale_bytes < 0 || p->scale_bytes % 4 != 0 ||
+      (p->scale_bytes > 0 && (p->x_scales == nullptr || p->xp_scales == nullptr))) {
+    return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  // The widest access that divides the row and both base addresses.
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(p->x) | reinterpret_cast<uintptr_t>(p->xp) |
+                         static_cast<uintptr_t>(p->row_bytes);
+  if (p->scale_bytes > 0 &&
+      ((reinterpret_cast<uintptr_t>(p->x_scales) | reinterpret_cast<uintptr_t>(p->xp_scales)) % 4 != 0)) {
+    return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  if (bits % 16 == 0) return run<16>(*p, stream);
+  if (bits % 8 == 0) return run<8>(*p, stream);
+  if (bits % 4 == 0) return run<4>(*p, stream);
+  if (bits % 2 == 0) return run<2>(*p, stream);
+  return run<1>(*p, stream);
+}

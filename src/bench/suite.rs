@@ -1,0 +1,351 @@
+//! The crate's benchmark cases, shared by the criterion benches and the `bench_report` example.
+//! Names follow `shared/anchors/torch_anchors.py`; each case counts its useful FLOPs and floor
+//! bytes the way the anchor script does, so GB/s and TFLOP/s compare directly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+
+use super::{time_iters, time_launches, CaseResult};
+use crate::error::{DuringExt, Result};
+use crate::gating::{topk_gating, GatingConfig, GatingInputs, ScoreFunction};
+use crate::permute::{combine, permute, CombineInputs, PlanConfig, RoutingPlan};
+use crate::testing::{device_normal, rng, routing, Routing};
+use crate::Context;
+
+type Launch = Box<dyn FnMut(usize) -> Result<()>>;
+
+/// A case with its inputs on the device, ready to launch.
+pub struct BenchCase {
+    /// Case name, `<model>/T<tokens>/<stage>`.
+    pub name: String,
+    /// Useful FLOPs per launch, if the case does arithmetic.
+    pub flops: Option<f64>,
+    /// Floor bytes per launch.
+    pub bytes: Option<f64>,
+    stream: Arc<CudaStream>,
+    launch: Launch,
+}
+
+impl std::fmt::Debug for BenchCase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchCase")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl BenchCase {
+    /// Enqueues launch number `i` (inputs rotate with `i`).
+    pub fn launch(&mut self, i: usize) -> Result<()> {
+        (self.launch)(i)
+    }
+
+    /// Median over `reps` event-timed launches after `warmup`.
+    pub fn measure(&mut self, warmup: usize, reps: usize) -> Result<CaseResult> {
+        let timing = time_launches(&self.stream, warmup, reps, &mut self.launch)?;
+        Ok(CaseResult {
+            case: self.name.clone(),
+            median_us: timing.median_us(),
+            flops: self.flops,
+            bytes: self.bytes,
+        })
+    }
+
+    /// Device time of `iters` back-to-back launches (criterion's `iter_custom`).
+    pub fn time_iters(&mut self, iters: u64) -> Result<Duration> {
+        time_iters(&self.stream, iters, &mut self.launch)
+    }
+}
+
+type Build = Box<dyn Fn(&Context) -> Result<BenchCase>>;
+
+/// A case not yet set up: building it allocates its inputs.
+pub struct CaseSpec {
+    /// Case name.
+    pub name: String,
+    build: Build,
+}
+
+impl std::fmt::Debug for CaseSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaseSpec")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl CaseSpec {
+    fn new(name: String, build: impl Fn(&Context) -> Result<BenchCase> + 'static) -> Self {
+        Self {
+            name,
+            build: Box::new(build),
+        }
+    }
+
+    /// Allocates and fills the case's inputs on `ctx`.
+    pub fn build(&self, ctx: &Context) -> Result<BenchCase> {
+        (self.build)(ctx)
+    }
+}
+
+/// Which cases [`cases`] lists.
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// Token counts of the per-model cases.
+    pub tokens: Vec<usize>,
+    /// Tokens of the gating sparsity sweep.
+    pub sweep_tokens: usize,
+}
+
+impl Default for SuiteOptions {
+    fn default() -> Self {
+        Self {
+            tokens: vec![128, 4096, 16384],
+            sweep_tokens: 4096,
+        }
+    }
+}
+
+/// (anchor prefix, E, k, hidden) of the models the anchors measure.
+const MODELS: [(&str, usize, usize, usize); 3] = [
+    ("dsv3", 256, 8, 7168),
+    ("qwen3", 128, 8, 2048),
+    ("mixtral", 8, 2, 4096),
+];
+
+fn case(
+    ctx: &Context,
+    name: &str,
+    flops: Option<f64>,
+    bytes: Option<f64>,
+    launch: Launch,
+) -> BenchCase {
+    BenchCase {
+        name: name.to_string(),
+        flops,
+        bytes,
+        stream: ctx.stream().clone(),
+        launch,
+    }
+}
+
+fn copy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
+    const BYTES: usize = 2 << 30;
+    let stream = ctx.stream().clone();
+    let src: CudaSlice<u8> = {
+        let mut r = rng(1);
+        let block: Vec<u8> = (0..1 << 24).map(|_| rand::RngExt::random(&mut r)).collect();
+        // SAFETY: fully written by the copies below.
+        let mut buf = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the copy source")?;
+        for start in (0..BYTES).step_by(block.len()) {
+            stream
+                .memcpy_htod(&block, &mut buf.slice_mut(start..start + block.len()))
+                .during("filling the copy source")?;
+        }
+        buf
+    };
+    // SAFETY: only written (by the copies being timed).
+    let mut dst = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the copy target")?;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(2.0 * BYTES as f64),
+        Box::new(move |_| crate::probe::copy_bytes(&s, &src, &mut dst)),
+    ))
+}
+
+fn empty_case(ctx: &Context, name: &str) -> Result<BenchCase> {
+    let s = ctx.stream().clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        None,
+        Box::new(move |_| crate::probe::empty_launch(&s)),
+    ))
+}
+
+fn gating_case(
+    ctx: &Context,
+    name: &str,
+    cfg: GatingConfig,
+    tokens: usize,
+    with_bias: bool,
+) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let (e, k) = (cfg.num_experts, cfg.top_k);
+    let bytes_per_set = tokens * e * 4;
+    let sets = super::rotation_sets(bytes_per_set, ctx.l2_bytes());
+    let mut r = rng(2);
+    let logits: Vec<CudaSlice<f32>> = (0..sets)
+        .map(|_| device_normal::<f32>(&stream, &mut r, tokens * e, 1.0))
+        .collect::<Result<_>>()?;
+    let bias = device_normal::<f32>(&stream, &mut r, e, 0.1)?;
+    let mut ids = stream.alloc_zeros::<i32>((tokens * k).max(1))?;
+    let mut weights = stream.alloc_zeros::<f32>((tokens * k).max(1))?;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some((tokens * e * 4 + tokens * k * 8) as f64),
+        Box::new(move |i| {
+            let mut inputs = GatingInputs::new(logits[i % logits.len()].as_view(), tokens);
+            if with_bias {
+                inputs = inputs.correction_bias(bias.as_view());
+            }
+            topk_gating(
+                &s,
+                &cfg,
+                &inputs,
+                &mut ids.slice_mut(..tokens * k),
+                &mut weights.slice_mut(..tokens * k),
+                None,
+            )
+        }),
+    ))
+}
+
+fn softmax_topk(e: usize, k: usize) -> GatingConfig {
+    GatingConfig {
+        num_experts: e,
+        top_k: k,
+        score: ScoreFunction::Softmax,
+        renormalize: true,
+        ..GatingConfig::qwen3_moe()
+    }
+}
+
+/// Device-side routing for a model's permutation cases: uniform ids on the device and a plan.
+fn routed(
+    ctx: &Context,
+    tokens: usize,
+    e: usize,
+    k: usize,
+) -> Result<(CudaSlice<i32>, RoutingPlan)> {
+    let stream = ctx.stream();
+    let ids = routing(&mut rng(3), tokens, k, e, Routing::Uniform);
+    let ids = stream.clone_htod(&ids)?;
+    let mut plan = RoutingPlan::new(stream, PlanConfig::new(tokens, k, e))?;
+    plan.build(stream, &ids, tokens)?;
+    Ok((ids, plan))
+}
+
+fn plan_case(ctx: &Context, name: &str, tokens: usize, e: usize, k: usize) -> Result<BenchCase> {
+    let (ids, mut plan) = routed(ctx, tokens, e, k)?;
+    let s = ctx.stream().clone();
+    let m = (tokens * k) as f64;
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(12.0 * m),
+        Box::new(move |_| plan.build(&s, &ids, tokens)),
+    ))
+}
+
+fn permute_case(
+    ctx: &Context,
+    name: &str,
+    tokens: usize,
+    e: usize,
+    k: usize,
+    h: usize,
+) -> Result<BenchCase> {
+    let (_ids, plan) = routed(ctx, tokens, e, k)?;
+    let stream = ctx.stream().clone();
+    let x = device_normal::<bf16>(&stream, &mut rng(4), tokens * h, 1.0)?;
+    // SAFETY: written by the permutes being timed, never read.
+    let mut xp = unsafe { stream.alloc::<bf16>(plan.config().max_rows() * h) }?;
+    let s = stream.clone();
+    let bytes = ((tokens * h + tokens * k * h) * 2) as f64;
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(bytes),
+        Box::new(move |_| permute(&s, &plan, h, &x, &mut xp, None)),
+    ))
+}
+
+fn combine_case(
+    ctx: &Context,
+    name: &str,
+    tokens: usize,
+    e: usize,
+    k: usize,
+    h: usize,
+) -> Result<BenchCase> {
+    let (_ids, plan) = routed(ctx, tokens, e, k)?;
+    let stream = ctx.stream().clone();
+    let mut r = rng(5);
+    let y = device_normal::<bf16>(&stream, &mut r, plan.config().max_rows() * h, 1.0)?;
+    let w = device_normal::<f32>(&stream, &mut r, tokens * k, 0.5)?;
+    // SAFETY: written by the combines being timed.
+    let mut out = unsafe { stream.alloc::<bf16>(tokens * h) }?;
+    let s = stream.clone();
+    let bytes = ((tokens * k * h + tokens * h) * 2) as f64;
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(bytes),
+        Box::new(move |_| {
+            let inputs = CombineInputs::<bf16, bf16>::new(y.as_view(), Some(w.as_view()));
+            combine(&s, &plan, h, &inputs, &mut out)
+        }),
+    ))
+}
+
+/// Every case of the crate, in report order.
+pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
+    let mut v = vec![
+        CaseSpec::new("ceiling/copy-2GiB".into(), |ctx| {
+            copy_case(ctx, "ceiling/copy-2GiB")
+        }),
+        CaseSpec::new("launch/empty-kernel".into(), |ctx| {
+            empty_case(ctx, "launch/empty-kernel")
+        }),
+    ];
+    for &t in &opts.tokens {
+        let name = format!("dsv3/T{t}/gate-noaux-tc");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            gating_case(ctx, &name, GatingConfig::deepseek_v3(), t, true)
+        }));
+    }
+    for (model, e, k, h) in MODELS {
+        for &t in &opts.tokens {
+            let name = format!("{model}/T{t}/gate-softmax-topk");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                gating_case(ctx, &name, softmax_topk(e, k), t, false)
+            }));
+            let name = format!("{model}/T{t}/plan");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                plan_case(ctx, &name, t, e, k)
+            }));
+            let name = format!("{model}/T{t}/permute");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                permute_case(ctx, &name, t, e, k, h)
+            }));
+            let name = format!("{model}/T{t}/combine");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                combine_case(ctx, &name, t, e, k, h)
+            }));
+        }
+    }
+    let t = opts.sweep_tokens;
+    for e in [64, 256, 1024, 2048] {
+        for k in [1, 2, 8, 16] {
+            let name = format!("sweep/T{t}/E{e}-k{k}/gate-softmax-topk");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                gating_case(ctx, &name, softmax_topk(e, k), t, false)
+            }));
+        }
+    }
+    v
+}

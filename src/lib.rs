@@ -1,0 +1,47 @@
+//! # moekit
+//!
+//! Hand-written CUDA kernels for sparse Mixture-of-Experts layers on NVIDIA Hopper (H100/H200,
+//! compute capability 9.0): top-k gating, token permutation (routing plan, permute, combine) and a
+//! device bandwidth probe, with a CPU reference of every kernel in [`reference`](mod@reference).
+//!
+//! Every launch function takes a cudarc [`CudaStream`](cudarc::driver::CudaStream) and device
+//! buffers ([`CudaSlice`](cudarc::driver::CudaSlice), [`CudaView`](cudarc::driver::CudaView),
+//! [`CudaViewMut`](cudarc::driver::CudaViewMut)), validates every argument on the host before it
+//! enqueues anything, and returns a [`Result`]. No launch synchronizes with the host, so sequences
+//! of them can be captured in CUDA graphs.
+//!
+//! ```no_run
+//! # fn main() -> moekit::Result<()> {
+//! let ctx = moekit::Context::new(0)?; // fails unless device 0 is a Hopper GPU
+//! let stream = ctx.stream();
+//! let cfg = moekit::gating::GatingConfig::deepseek_v3();
+//! let logits = stream.clone_htod(&vec![0.5f32; 4 * cfg.num_experts])?;
+//! let mut ids = stream.alloc_zeros::<i32>(4 * cfg.top_k)?;
+//! let mut weights = stream.alloc_zeros::<f32>(4 * cfg.top_k)?;
+//! let bias = stream.alloc_zeros::<f32>(cfg.num_experts)?;
+//! let inputs = moekit::gating::GatingInputs::new(logits.as_view(), 4).correction_bias(bias.as_view());
+//! moekit::gating::topk_gating(stream, &cfg, &inputs, &mut ids, &mut weights, None)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layout conventions: all matrices are row-major with the last dimension contiguous; shapes are
+//! written `[rows, cols]`; token-major tensors are `[T, …]`.
+#![warn(missing_docs)]
+
+pub mod bench;
+mod context;
+pub mod dtype;
+mod error;
+mod ffi;
+pub mod gating;
+pub mod permute;
+pub mod probe;
+pub mod reference;
+pub mod testing;
+
+pub use context::Context;
+pub use dtype::{Dtype, Element};
+pub use error::{Error, Result};
+
+/// Re-export of the cudarc version this crate is built against, so callers name the same types.
+pub use cudarc;

@@ -1,0 +1,594 @@
+//! Token permutation: the device-side routing plan, [`permute`] (token rows → expert-sorted rows)
+//! and [`combine`] (the weighted sum of each token's expert outputs).
+//!
+//! Nothing here synchronizes with the host. Every buffer is sized from `(max_tokens, top_k, E,
+//! align, block_m)` alone when the [`RoutingPlan`] is created, and the kernels read the per-expert
+//! counts and offsets from device memory, so a whole MoE forward can be captured in a CUDA graph
+//! and replayed.
+//!
+//! Row order: expert segments in expert order, each padded to a multiple of `align` rows; within an
+//! expert, ascending token, then slot. Assignment `a = t * top_k + slot` of token `t`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+
+use crate::context::{check_status, prepare_launch, ptr_or_null, raw_stream};
+use crate::dtype::Element;
+use crate::error::{DuringExt, Error, Result};
+use crate::ffi;
+
+/// Segment alignments the plan accepts (rows).
+pub const ALIGNMENTS: [usize; 6] = [1, 8, 16, 32, 64, 128];
+/// Largest top-k that permute and combine accept.
+pub const MAX_TOP_K: usize = 32;
+
+/// Shape of a routing plan: fixes every buffer size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Largest T the plan will be built for.
+    pub max_tokens: usize,
+    /// k, experts per token.
+    pub top_k: usize,
+    /// E, number of experts the ids refer to.
+    pub num_experts: usize,
+    /// Each expert's segment is padded to a multiple of `align` rows (one of [`ALIGNMENTS`]).
+    pub align: usize,
+    /// Rows per tile of the tile schedule (the grouped GEMM's block M).
+    pub block_m: usize,
+    /// Experts placed by this plan (expert parallelism); assignments to others are dropped.
+    pub local_experts: Range<usize>,
+}
+
+impl PlanConfig {
+    /// All experts local, no padding, 128-row tiles.
+    pub fn new(max_tokens: usize, top_k: usize, num_experts: usize) -> Self {
+        Self {
+            max_tokens,
+            top_k,
+            num_experts,
+            align: 1,
+            block_m: 128,
+            local_experts: 0..num_experts,
+        }
+    }
+
+    /// Sets the segment alignment.
+    pub fn align(mut self, align: usize) -> Self {
+        self.align = align;
+        self
+    }
+
+    /// Sets the tile height of the tile schedule.
+    pub fn block_m(mut self, block_m: usize) -> Self {
+        self.block_m = block_m;
+        self
+    }
+
+    /// Restricts placement to the experts in `range`.
+    pub fn local_experts(mut self, range: Range<usize>) -> Self {
+        self.local_experts = range;
+        self
+    }
+
+    /// Number of local experts.
+    pub fn num_local(&self) -> usize {
+        self.local_experts.len()
+    }
+
+    /// Capacity of the permuted rows: `max_tokens * top_k + num_local * (align - 1)`.
+    pub fn max_rows(&self) -> usize {
+        self.max_tokens * self.top_k + self.num_local() * (self.align - 1)
+    }
+
+    /// Capacity of the tile schedule: `max_rows / block_m + num_local`.
+    pub fn max_tiles(&self) -> usize {
+        self.max_rows() / self.block_m + self.num_local()
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<()> {
+        if self.top_k == 0 || self.top_k > MAX_TOP_K {
+            return Err(Error::invalid(
+                "top_k",
+                format!("{}; must be 1 ..= {MAX_TOP_K}", self.top_k),
+            ));
+        }
+        if self.num_experts == 0 || self.num_experts > i32::MAX as usize {
+            return Err(Error::invalid(
+                "num_experts",
+                format!("{}", self.num_experts),
+            ));
+        }
+        if self.local_experts.is_empty() || self.local_experts.end > self.num_experts {
+            return Err(Error::invalid(
+                "local_experts",
+                format!(
+                    "{:?} must be a non-empty range within 0..{}",
+                    self.local_experts, self.num_experts
+                ),
+            ));
+        }
+        if !ALIGNMENTS.contains(&self.align) {
+            return Err(Error::invalid(
+                "align",
+                format!("{}; must be one of {ALIGNMENTS:?}", self.align),
+            ));
+        }
+        if self.block_m == 0 || self.block_m > 1024 {
+            return Err(Error::invalid(
+                "block_m",
+                format!("{}; must be 1 ..= 1024", self.block_m),
+            ));
+        }
+        let rows = self
+            .max_tokens
+            .checked_mul(self.top_k)
+            .and_then(|a| a.checked_add(self.num_local() * (self.align - 1)));
+        if rows.is_none_or(|r| r > i32::MAX as usize) {
+            return Err(Error::unsupported(
+                format!(
+                    "{} tokens × top-{} (+ padding) permuted rows",
+                    self.max_tokens, self.top_k
+                ),
+                "rows are indexed with i32: at most 2^31 - 1",
+            ));
+        }
+        Ok(())
+    }
+
+    fn chunks(&self) -> usize {
+        ffi::MOEKIT_PLAN_TARGET_CHUNKS as usize
+    }
+}
+
+/// A routing plan on the device, rebuilt in place for every batch by [`RoutingPlan::build`].
+///
+/// Buffers (i32, indexed by local expert `e - local_experts.start`):
+/// - `expert_counts` `[num_local]`: rows routed to each expert;
+/// - `expert_offsets` `[num_local + 1]`: first row of each padded segment; the last entry is the
+///   padded total row count;
+/// - `row_map` `[max_rows]`: assignment `t * top_k + slot` of each permuted row, -1 for padding
+///   rows and rows past the total;
+/// - `inverse_map` `[max_tokens * top_k]`: permuted row of each assignment, -1 when its expert is
+///   not local (only the first `tokens * top_k` entries belong to the last build);
+/// - `tiles` `[max_tiles, 2]`: `(local expert, first row)` of each `block_m`-row tile over the
+///   experts' real rows (the last tile of an expert may extend past its rows: mask by the count);
+/// - `num_tiles` `[1]`.
+#[derive(Debug)]
+pub struct RoutingPlan {
+    cfg: PlanConfig,
+    tokens: Option<usize>,
+    expert_counts: CudaSlice<i32>,
+    expert_offsets: CudaSlice<i32>,
+    row_map: CudaSlice<i32>,
+    inverse_map: CudaSlice<i32>,
+    tiles: CudaSlice<i32>,
+    num_tiles: CudaSlice<i32>,
+    chunk_counts: CudaSlice<i32>,
+    assignment_rank: CudaSlice<i32>,
+    invalid_ids: CudaSlice<i32>,
+}
+
+impl RoutingPlan {
+    /// Allocates every buffer of a plan for `cfg` on `stream` (the only allocation: builds reuse it).
+    pub fn new(stream: &Arc<CudaStream>, cfg: PlanConfig) -> Result<Self> {
+        cfg.validate()?;
+        let alloc = |n: usize| {
+            stream
+                .alloc_zeros::<i32>(n.max(1))
+                .during("allocating the routing plan")
+        };
+        Ok(Self {
+            expert_counts: alloc(cfg.num_local())?,
+            expert_offsets: alloc(cfg.num_local() + 1)?,
+            row_map: alloc(cfg.max_rows())?,
+            inverse_map: alloc(cfg.max_tokens * cfg.top_k)?,
+            tiles: alloc(2 * cfg.max_tiles())?,
+            num_tiles: alloc(1)?,
+            chunk_counts: alloc(cfg.num_local() * cfg.chunks())?,
+            assignment_rank: alloc(cfg.max_tokens * cfg.top_k)?,
+            invalid_ids: alloc(cfg.chunks())?,
+            tokens: None,
+            cfg,
+        })
+    }
+
+    /// Builds the plan for `topk_ids` `[tokens, top_k]` (i32) on `stream`, with no host
+    /// synchronization. Ids outside `[0, E)` are not placed (their inverse-map entry is -1) and are
+    /// reported by [`RoutingPlan::check_ids`].
+    pub fn build(
+        &mut self,
+        stream: &CudaStream,
+        topk_ids: &impl DevicePtr<i32>,
+        tokens: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        if tokens > cfg.max_tokens {
+            return Err(Error::invalid(
+                "tokens",
+                format!(
+                    "{tokens} tokens but the plan was sized for at most {}",
+                    cfg.max_tokens
+                ),
+            ));
+        }
+        let n_assign = tokens * cfg.top_k;
+        if topk_ids.len() != n_assign {
+            return Err(Error::shape(
+                "topk_ids",
+                format!("{n_assign} elements ([{tokens}, {}])", cfg.top_k),
+                topk_ids.len(),
+            ));
+        }
+        prepare_launch(stream)?;
+        // SAFETY: a pure function of its argument.
+        let chunk = unsafe { ffi::moekit_plan_chunk(n_assign as i64) };
+        let (ids, _g0) = topk_ids.device_ptr(stream);
+        let (counts, _g1) = self.expert_counts.device_ptr_mut(stream);
+        let (offsets, _g2) = self.expert_offsets.device_ptr_mut(stream);
+        let (row_map, _g3) = self.row_map.device_ptr_mut(stream);
+        let (inverse, _g4) = self.inverse_map.device_ptr_mut(stream);
+        let (tiles, _g5) = self.tiles.device_ptr_mut(stream);
+        let (num_tiles, _g6) = self.num_tiles.device_ptr_mut(stream);
+        let (chunk_counts, _g7) = self.chunk_counts.device_ptr_mut(stream);
+        let (rank, _g8) = self.assignment_rank.device_ptr_mut(stream);
+        let (invalid, _g9) = self.invalid_ids.device_ptr_mut(stream);
+        let params = ffi::moekit_plan_params {
+            topk_ids: ids as *const i32,
+            tokens: tokens as i64,
+            top_k: cfg.top_k as i32,
+            num_experts: cfg.num_experts as i32,
+            expert_begin: cfg.local_experts.start as i32,
+            expert_end: cfg.local_experts.end as i32,
+            align: cfg.align as i32,
+            block_m: cfg.block_m as i32,
+            chunk,
+            max_rows: cfg.max_rows() as i64,
+            max_tiles: cfg.max_tiles() as i64,
+            expert_counts: counts as *mut i32,
+            expert_offsets: offsets as *mut i32,
+            row_map: row_map as *mut i32,
+            inverse_map: inverse as *mut i32,
+            tiles: tiles as *mut i32,
+            num_tiles: num_tiles as *mut i32,
+            chunk_counts: chunk_counts as *mut i32,
+            assignment_rank: rank as *mut i32,
+            invalid_ids: invalid as *mut i32,
+        };
+        // SAFETY: the plan's buffers were allocated from `cfg` with the sizes the header documents
+        // (num_local, num_local + 1, max_rows, max_tokens*top_k, 2*max_tiles, 1,
+        // num_local*MOEKIT_PLAN_TARGET_CHUNKS, max_tokens*top_k, MOEKIT_PLAN_TARGET_CHUNKS), and
+        // `chunk` comes from moekit_plan_chunk, so at most MOEKIT_PLAN_TARGET_CHUNKS chunks exist;
+        // topk_ids holds tokens*top_k ids; the guards keep everything alive until enqueued.
+        let status = unsafe { ffi::moekit_routing_plan(&params, raw_stream(stream)) };
+        check_status(status, "building the routing plan")?;
+        self.tokens = Some(tokens);
+        Ok(())
+    }
+
+    /// Waits for the last build and fails if any id was outside `[0, E)`. The only call here that
+    /// synchronizes: for tests and debugging, not for the hot path.
+    pub fn check_ids(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let invalid = stream
+            .clone_dtoh(&self.invalid_ids)
+            .during("reading the plan's invalid-id counts")?;
+        let n: i64 = invalid.iter().map(|&v| v as i64).sum();
+        if n > 0 {
+            return Err(Error::invalid(
+                "topk_ids",
+                format!(
+                    "{n} ids outside [0, {}) were dropped from the plan",
+                    self.cfg.num_experts
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The plan's shape.
+    pub fn config(&self) -> &PlanConfig {
+        &self.cfg
+    }
+
+    /// T of the last build, `None` before the first.
+    pub fn tokens(&self) -> Option<usize> {
+        self.tokens
+    }
+
+    /// `[num_local]` rows routed to each local expert.
+    pub fn expert_counts(&self) -> &CudaSlice<i32> {
+        &self.expert_counts
+    }
+
+    /// `[num_local + 1]` padded segment offsets; the last entry is the padded total.
+    pub fn expert_offsets(&self) -> &CudaSlice<i32> {
+        &self.expert_offsets
+    }
+
+    /// `[max_rows]` assignment of each permuted row, or -1.
+    pub fn row_map(&self) -> &CudaSlice<i32> {
+        &self.row_map
+    }
+
+    /// `[max_tokens * top_k]` permuted row of each assignment, or -1.
+    pub fn inverse_map(&self) -> &CudaSlice<i32> {
+        &self.inverse_map
+    }
+
+    /// `[max_tiles, 2]` `(local expert, first row)` per tile.
+    pub fn tiles(&self) -> &CudaSlice<i32> {
+        &self.tiles
+    }
+
+    /// `[1]` number of tiles.
+    pub fn num_tiles(&self) -> &CudaSlice<i32> {
+        &self.num_tiles
+    }
+
+    fn built_tokens(&self) -> Result<usize> {
+        self.tokens.ok_or_else(|| {
+            Error::invalid(
+                "plan",
+                "the routing plan has not been built (call RoutingPlan::build first)",
+            )
+        })
+    }
+}
+
+/// Per-row scales that travel with FP8 rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleLayout {
+    /// One f32 per row.
+    PerRow,
+    /// One f32 per 128 columns: `ceil(hidden / 128)` per row (DeepSeek's 1×128 activation groups).
+    Per128Columns,
+}
+
+impl ScaleLayout {
+    /// Scales per row for rows of `hidden` elements.
+    pub fn per_row(self, hidden: usize) -> usize {
+        match self {
+            ScaleLayout::PerRow => 1,
+            ScaleLayout::Per128Columns => hidden.div_ceil(128),
+        }
+    }
+}
+
+/// Scales `[rows, scales_per_row]` (f32) to move along with the rows in [`permute`].
+#[derive(Debug)]
+pub struct RowScales<'a, 'b> {
+    /// Scales of the token rows, `[tokens, layout.per_row(hidden)]`.
+    pub input: CudaView<'a, f32>,
+    /// Scales of the permuted rows, `[max_rows, layout.per_row(hidden)]`.
+    pub output: CudaViewMut<'b, f32>,
+    /// How many scales each row has.
+    pub layout: ScaleLayout,
+}
+
+/// Copies token rows `x` `[tokens, hidden]` to their permuted rows in `xp` `[max_rows, hidden]`
+/// (any element type: bf16, f16, f32, FP8 as bytes…), zero-filling each segment's padding rows.
+/// Rows past the padded total are not written. With `scales`, the per-row scales move the same way
+/// (padding rows get scale 0).
+pub fn permute<T: DeviceRepr>(
+    stream: &CudaStream,
+    plan: &RoutingPlan,
+    hidden: usize,
+    x: &impl DevicePtr<T>,
+    xp: &mut impl DevicePtrMut<T>,
+    scales: Option<RowScales<'_, '_>>,
+) -> Result<()> {
+    let tokens = plan.built_tokens()?;
+    let cfg = plan.config();
+    if hidden == 0 {
+        return Err(Error::invalid("hidden", "must be at least 1"));
+    }
+    if x.len() != tokens * hidden {
+        return Err(Error::shape(
+            "x",
+            format!("{} elements ([{tokens}, {hidden}])", tokens * hidden),
+            x.len(),
+        ));
+    }
+    if xp.len() < cfg.max_rows() * hidden {
+        return Err(Error::shape(
+            "xp",
+            format!(
+                "at least {} elements ([max_rows = {}, {hidden}])",
+                cfg.max_rows() * hidden,
+                cfg.max_rows()
+            ),
+            xp.len(),
+        ));
+    }
+    let scale_cols = scales.as_ref().map_or(0, |s| s.layout.per_row(hidden));
+    if let Some(s) = &scales {
+        if s.input.len() != tokens * scale_cols {
+            return Err(Error::shape(
+                "scales.input",
+                format!(
+                    "{} elements ([{tokens}, {scale_cols}])",
+                    tokens * scale_cols
+                ),
+                s.input.len(),
+            ));
+        }
+        if s.output.len() < cfg.max_rows() * scale_cols {
+            return Err(Error::shape(
+                "scales.output",
+                format!(
+                    "at least {} elements ([max_rows, {scale_cols}])",
+                    cfg.max_rows() * scale_cols
+                ),
+                s.output.len(),
+            ));
+        }
+    }
+    if tokens == 0 {
+        return Ok(()); // no rows and, with every expert empty, no padding rows
+    }
+    prepare_launch(stream)?;
+    let mut scales = scales;
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (xp_ptr, _g1) = xp.device_ptr_mut(stream);
+    let (inverse, _g2) = plan.inverse_map.device_ptr(stream);
+    let (counts, _g3) = plan.expert_counts.device_ptr(stream);
+    let (offsets, _g4) = plan.expert_offsets.device_ptr(stream);
+    let (s_in, s_out) = match scales.as_mut() {
+        Some(RowScales { input, output, .. }) => (
+            Some(input.device_ptr(stream)),
+            Some(output.device_ptr_mut(stream)),
+        ),
+        None => (None, None),
+    };
+    let params = ffi::moekit_permute_params {
+        x: x_ptr as *const _,
+        xp: xp_ptr as *mut _,
+        x_scales: ptr_or_null(&s_in) as *const _,
+        xp_scales: ptr_or_null(&s_out) as *mut _,
+        inverse_map: inverse as *const i32,
+        expert_counts: counts as *const i32,
+        expert_offsets: offsets as *const i32,
+        tokens: tokens as i64,
+        row_bytes: (hidden * std::mem::size_of::<T>()) as i64,
+        scale_bytes: (scale_cols * 4) as i64,
+        top_k: cfg.top_k as i32,
+        num_local: cfg.num_local() as i32,
+        align: cfg.align as i32,
+        _pad: 0,
+    };
+    // SAFETY: x holds tokens rows and xp (and the scale buffers) at least max_rows rows of the
+    // row sizes passed, as checked above; the plan's inverse map only holds rows < max_rows and
+    // its offsets describe segments inside max_rows; guards keep all buffers alive and ordered.
+    let status = unsafe { ffi::moekit_permute(&params, raw_stream(stream)) };
+    check_status(status, "launching permute")
+}
+
+/// The inputs of [`combine`].
+#[derive(Debug)]
+pub struct CombineInputs<'a, Y, O> {
+    /// Expert outputs in permuted order, `[max_rows, hidden]` (or more rows).
+    pub y: CudaView<'a, Y>,
+    /// Routing weights `[tokens, top_k]` f32; `None` sums the rows unweighted (for outputs whose
+    /// GEMM epilogue already applied the weights).
+    pub weights: Option<CudaView<'a, f32>>,
+    /// Shared-expert output `[tokens, hidden]` added to the sum, or `None`.
+    pub shared: Option<CudaView<'a, O>>,
+    /// Residual `[tokens, hidden]` added to the sum, or `None`.
+    pub residual: Option<CudaView<'a, O>>,
+}
+
+impl<'a, Y, O> CombineInputs<'a, Y, O> {
+    /// Weighted combine of `y` with `weights`.
+    pub fn new(y: CudaView<'a, Y>, weights: Option<CudaView<'a, f32>>) -> Self {
+        Self {
+            y,
+            weights,
+            shared: None,
+            residual: None,
+        }
+    }
+
+    /// Adds a shared-expert output.
+    pub fn shared(mut self, shared: CudaView<'a, O>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Adds a residual.
+    pub fn residual(mut self, residual: CudaView<'a, O>) -> Self {
+        self.residual = Some(residual);
+        self
+    }
+}
+
+/// `out[t] = Σ_slot weights[t, slot] · y[row(t, slot)] + shared[t] + residual[t]`, accumulated in
+/// f32 in slot order with no atomics (bitwise reproducible); slots whose expert is not local add
+/// nothing. `out` is `[tokens, hidden]`.
+pub fn combine<Y: Element, O: Element>(
+    stream: &CudaStream,
+    plan: &RoutingPlan,
+    hidden: usize,
+    inputs: &CombineInputs<'_, Y, O>,
+    out: &mut impl DevicePtrMut<O>,
+) -> Result<()> {
+    let tokens = plan.built_tokens()?;
+    let cfg = plan.config();
+    if hidden == 0 {
+        return Err(Error::invalid("hidden", "must be at least 1"));
+    }
+    if inputs.y.len() < cfg.max_rows() * hidden {
+        return Err(Error::shape(
+            "y",
+            format!(
+                "at least {} elements ([max_rows = {}, {hidden}])",
+                cfg.max_rows() * hidden,
+                cfg.max_rows()
+            ),
+            inputs.y.len(),
+        ));
+    }
+    if let Some(w) = &inputs.weights {
+        if w.len() != tokens * cfg.top_k {
+            return Err(Error::shape(
+                "weights",
+                format!(
+                    "{} elements ([{tokens}, {}])",
+                    tokens * cfg.top_k,
+                    cfg.top_k
+                ),
+                w.len(),
+            ));
+        }
+    }
+    for (name, t) in [("shared", &inputs.shared), ("residual", &inputs.residual)] {
+        if let Some(t) = t {
+            if t.len() != tokens * hidden {
+                return Err(Error::shape(
+                    name,
+                    format!("{} elements ([{tokens}, {hidden}])", tokens * hidden),
+                    t.len(),
+                ));
+            }
+        }
+    }
+    if out.len() != tokens * hidden {
+        return Err(Error::shape(
+            "out",
+            format!("{} elements ([{tokens}, {hidden}])", tokens * hidden),
+            out.len(),
+        ));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    prepare_launch(stream)?;
+    let (y, _g0) = inputs.y.device_ptr(stream);
+    let w = inputs.weights.as_ref().map(|w| w.device_ptr(stream));
+    let shared = inputs.shared.as_ref().map(|s| s.device_ptr(stream));
+    let residual = inputs.residual.as_ref().map(|r| r.device_ptr(stream));
+    let (inverse, _g1) = plan.inverse_map.device_ptr(stream);
+    let (out_ptr, _g2) = out.device_ptr_mut(stream);
+    let params = ffi::moekit_combine_params {
+        y: y as *const _,
+        weights: ptr_or_null(&w) as *const f32,
+        shared: ptr_or_null(&shared) as *const _,
+        residual: ptr_or_null(&residual) as *const _,
+        out: out_ptr as *mut _,
+        inverse_map: inverse as *const i32,
+        tokens: tokens as i64,
+        hidden: hidden as i64,
+        top_k: cfg.top_k as i32,
+        y_dtype: Y::DTYPE.code(),
+        out_dtype: O::DTYPE.code(),
+        _pad: 0,
+    };
+    // SAFETY: y covers max_rows rows (every row the inverse map can name), weights/shared/residual
+    // and out have the [tokens, ...] sizes checked above; out is borrowed mutably, so it aliases
+    // no input; guards keep the buffers alive and ordered on `stream`.
+    let status = unsafe { ffi::moekit_combine(&params, raw_stream(stream)) };
+    check_status(status, "launching combine")
+}
