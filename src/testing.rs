@@ -176,3 +176,21 @@ pub fn device_normal<T: crate::Element>(
     }
     Ok(buf)
 }
+
+/// Uploads `host` into a new device buffer of `max(1, host.len())` elements (CUDA refuses
+/// zero-byte allocations); use `.slice(..host.len())` for the exact view.
+pub fn upload<T: cudarc::driver::DeviceRepr>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    host: &[T],
+) -> crate::Result<cudarc::driver::CudaSlice<T>> {
+    use crate::error::DuringExt;
+    // SAFETY: the first host.len() elements are written below; a padding element stays unread.
+    let mut buf =
+        unsafe { stream.alloc::<T>(host.len().max(1)) }.during("allocating a test buffer")?;
+    if !host.is_empty() {
+        stream
+            .memcpy_htod(host, &mut buf.slice_mut(..host.len()))
+            .during("uploading a test buffer")?;
+    }
+    Ok(buf)
+}

@@ -2,7 +2,7 @@
 //! the bench harness arithmetic.
 
 use moekit::bench::{rotation_sets, CaseResult, Roofline, Timing};
-use moekit::testing::{fresh_seed, gpu, rel_l2_error, rng};
+use moekit::testing::{fresh_seed, gpu, rel_l2_error, rng, upload};
 use moekit::{probe, reference, Error};
 use rand::RngExt;
 
@@ -44,10 +44,10 @@ fn copy_probe_matches_reference_for_any_size_and_alignment() {
     ] {
         for (src_off, dst_off) in [(0, 0), (1, 1), (3, 0), (0, 8), (16, 32)] {
             let src: Vec<u8> = (0..n + src_off).map(|_| r.random()).collect();
-            let d_src = s.clone_htod(&src).unwrap();
-            let mut d_dst = s.clone_htod(&vec![0xA5u8; n + dst_off]).unwrap();
+            let d_src = upload(s, &src).unwrap();
+            let mut d_dst = upload(s, &vec![0xA5u8; n + dst_off]).unwrap();
             probe::copy_bytes(s, &d_src.slice(src_off..), &mut d_dst.slice_mut(dst_off..)).unwrap();
-            let got = s.clone_dtoh(&d_dst).unwrap();
+            let got = s.clone_dtoh(&d_dst.slice(..n + dst_off)).unwrap();
             assert!(
                 got[..dst_off].iter().all(|&b| b == 0xA5),
                 "wrote before dst (n={n})"

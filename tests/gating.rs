@@ -6,7 +6,7 @@ use moekit::gating::{
     topk_gating, GatingConfig, GatingInputs, GroupSelection, ScoreFunction, WeightSource,
 };
 use moekit::reference::gating as reference;
-use moekit::testing::{fresh_seed, gpu, normal_vec, rng};
+use moekit::testing::{fresh_seed, gpu, normal_vec, rng, upload};
 use moekit::{Context, Element, Error};
 use proptest::prelude::*;
 use rand::RngExt;
@@ -56,15 +56,15 @@ fn run_gpu<L: Element>(
     let s = ctx.stream();
     let typed: Vec<L> = logits.iter().map(|&v| L::from_f32(v)).collect();
     let logits_seen = typed.iter().map(|v| v.to_f32()).collect();
-    let d_logits = s.clone_htod(&typed)?;
+    let d_logits = upload(s, &typed)?;
     let d_rb = router_bias.map(|b| s.clone_htod(b)).transpose()?;
     let d_cb = correction_bias.map(|b| s.clone_htod(b)).transpose()?;
     let n = tokens * cfg.top_k;
     // Poisoned outputs: every element must be written.
-    let mut ids = s.clone_htod(&vec![-7i32; n])?;
-    let mut weights = s.clone_htod(&vec![f32::NAN; n])?;
+    let mut ids = upload(s, &vec![-7i32; n])?;
+    let mut weights = upload(s, &vec![f32::NAN; n])?;
     let mut counts = s.clone_htod(&vec![-3i32; cfg.num_experts])?;
-    let mut inputs = GatingInputs::new(d_logits.as_view(), tokens);
+    let mut inputs = GatingInputs::new(d_logits.slice(..typed.len()), tokens);
     if let Some(b) = &d_rb {
         inputs = inputs.router_bias(b.as_view());
     }
@@ -75,13 +75,13 @@ fn run_gpu<L: Element>(
         s,
         cfg,
         &inputs,
-        &mut ids,
-        &mut weights,
+        &mut ids.slice_mut(..n),
+        &mut weights.slice_mut(..n),
         Some(&mut counts.as_view_mut()),
     )?;
     Ok(GpuResult {
-        ids: s.clone_dtoh(&ids)?,
-        weights: s.clone_dtoh(&weights)?,
+        ids: s.clone_dtoh(&ids.slice(..n))?,
+        weights: s.clone_dtoh(&weights.slice(..n))?,
         counts: s.clone_dtoh(&counts)?,
         logits_seen,
     })

@@ -6,7 +6,7 @@ use moekit::permute::{
     combine, permute, CombineInputs, PlanConfig, RoutingPlan, RowScales, ScaleLayout, ALIGNMENTS,
 };
 use moekit::reference::permute as reference;
-use moekit::testing::{fresh_seed, gpu, normal_vec, rel_l2_error, rng, routing, Routing};
+use moekit::testing::{fresh_seed, gpu, normal_vec, rel_l2_error, rng, routing, upload, Routing};
 use moekit::{Context, Element, Error};
 use rand::RngExt;
 
@@ -25,12 +25,12 @@ fn checked_plan(
     let other: Vec<i32> = (0..tokens * cfg.top_k)
         .map(|a| ((a * 7 + 3) % cfg.num_experts) as i32)
         .collect();
-    plan.build(s, &s.clone_htod(&other).unwrap(), tokens)
-        .unwrap();
-    let d_ids = s.clone_htod(ids).unwrap();
-    plan.build(s, &d_ids, tokens).unwrap();
-    let want = reference::routing_plan(cfg, ids, tokens);
     let n = tokens * cfg.top_k;
+    let d_other = upload(s, &other).unwrap();
+    plan.build(s, &d_other.slice(..n), tokens).unwrap();
+    let d_ids = upload(s, ids).unwrap();
+    plan.build(s, &d_ids.slice(..n), tokens).unwrap();
+    let want = reference::routing_plan(cfg, ids, tokens);
     assert_eq!(
         s.clone_dtoh(plan.expert_counts()).unwrap(),
         want.expert_counts,
@@ -250,11 +250,11 @@ fn check_permute<T>(
     let mut d_xp = s.clone_htod(&vec![poison; rows * hidden]).unwrap();
     let cols = scales.map_or(0, |l| l.per_row(hidden));
     let x_scales = normal_vec(&mut r, tokens * cols, 1.0);
-    let d_scales = s.clone_htod(&x_scales).unwrap();
-    let mut d_xp_scales = s.clone_htod(&vec![f32::NAN; rows * cols]).unwrap();
+    let d_scales = upload(s, &x_scales).unwrap();
+    let mut d_xp_scales = upload(s, &vec![f32::NAN; rows * cols]).unwrap();
     let row_scales = scales.map(|layout| RowScales {
-        input: d_scales.as_view(),
-        output: d_xp_scales.as_view_mut(),
+        input: d_scales.slice(..tokens * cols),
+        output: d_xp_scales.slice_mut(..rows * cols),
         layout,
     });
     permute(s, &plan, hidden, &d_x, &mut d_xp, row_scales).unwrap();
@@ -270,7 +270,7 @@ fn check_permute<T>(
         "{what}: wrote past the padded total"
     );
     if scales.is_some() {
-        let got = s.clone_dtoh(&d_xp_scales).unwrap();
+        let got = s.clone_dtoh(&d_xp_scales.slice(..rows * cols)).unwrap();
         let expect = reference::permute(&want, &x_scales, cols, cfg.top_k);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got[..total * cols]), bits(&expect), "{what}: scales");

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine over a bundle built by ../shared/tools/gpu-bundle (carried as .gpu/):
+# the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
+# benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion (default: all but
+# criterion). Extra env: REPORT_FILTER (bench_report --filter), ANCHOR_CASES, ANCHOR_TOKENS.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/moekit-out}; mkdir -p "$out"
+steps=${1:-tests,memcheck,racecheck,bench,anchors}
+export MOEKIT_REQUIRE_GPU=1 RUST_BACKTRACE=1
+rm -f .gpu/tests/bandwidth_probe .gpu/tests/bench_report  # examples that cargo test also builds
+summary=()
+has() { [[ ",$steps," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$out/smi.txt" 2>&1
+if has tests; then
+  bash .gpu/run.sh >"$out/tests.txt" 2>&1; summary+=("tests: $(tail -1 "$out/tests.txt")")
+fi
+san() { # $1 tool
+  local fails=0
+  for t in .gpu/tests/*; do
+    n=$(basename "$t")
+    PROPTEST_CASES=8 timeout 300 compute-sanitizer --tool "$1" --error-exitcode 99 "$t" --include-ignored \
+      >"$out/$1-$n.txt" 2>&1 || { fails=$((fails+1)); echo "$1 $n: rc=$?" >>"$out/$1-failures.txt"; }
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/$1-$n.txt" | tail -1 | sed "s/^/$1 $n: /" >>"$out/sanitizer.txt"
+  done
+  summary+=("$1: $fails failing binaries")
+}
+has memcheck && san memcheck
+has racecheck && san racecheck
+if has bench; then
+  if has anchors; then
+    PYTHONUNBUFFERED=1 timeout 400 python3 .gpu/anchors/torch_anchors.py --cases "${ANCHOR_CASES:-dsv3,qwen3,mixtral}" \
+      --tokens "${ANCHOR_TOKENS:-128,4096,16384}" --json "$out/torch.json" >"$out/anchors.txt" 2>&1
+    summary+=("anchors: rc=$?")
+  fi
+  a=(); [ -f "$out/torch.json" ] && a=(--anchors "$out/torch.json")
+  timeout 400 .gpu/examples/bench_report --filter "${REPORT_FILTER:-}" --json "$out/bench.json" "${a[@]}" >"$out/bench.txt" 2>&1
+  summary+=("bench_report: rc=$?")
+fi
+if has criterion; then
+  for b in .gpu/benches/*; do [ "$(basename "$b")" = lib-moekit ] && continue; timeout 200 "$b" --bench >>"$out/criterion.txt" 2>&1; done
+  summary+=("criterion: done")
+fi
+printf '%s\n' "${summary[@]}"
