@@ -3,10 +3,13 @@
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
 # printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion (default: all but
-# criterion). Extra env: REPORT_FILTER (bench_report --filter), ANCHOR_CASES, ANCHOR_TOKENS.
+# criterion; ncu-gating profiles the gating kernel). Extra env: REPORT_FILTER (bench_report --filter), ANCHOR_CASES, ANCHOR_TOKENS.
 set -u
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/moekit-out}; mkdir -p "$out"
+# Logs are written outside $OUT and packed into $OUT/logs.tgz at the end: the device tool returns at
+# most 8 files.
+final=${OUT:-/tmp/moekit-out}; mkdir -p "$final"
+out=$(mktemp -d /tmp/moekit-logs.XXXX)
 steps=${1:-tests,memcheck,racecheck,bench,anchors}
 export MOEKIT_REQUIRE_GPU=1 RUST_BACKTRACE=1
 rm -f .gpu/tests/bandwidth_probe .gpu/tests/bench_report  # examples that cargo test also builds
@@ -14,7 +17,7 @@ summary=()
 has() { [[ ",$steps," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$out/smi.txt" 2>&1
 if has tests; then
-  bash .gpu/run.sh >"$out/tests.txt" 2>&1; summary+=("tests: $(tail -1 "$out/tests.txt")")
+  OUT="$out" bash .gpu/run.sh >"$out/tests.txt" 2>&1; summary+=("tests: $(tail -1 "$out/tests.txt")")
 fi
 san() { # $1 tool
   local fails=0
@@ -42,4 +45,20 @@ if has criterion; then
   for b in .gpu/benches/*; do [ "$(basename "$b")" = lib-moekit ] && continue; timeout 200 "$b" --bench >>"$out/criterion.txt" 2>&1; done
   summary+=("criterion: done")
 fi
-printf '%s\n' "${summary[@]}"
+if has variants; then  # experiment knobs of the copy, permute and combine kernels
+  for v in 0 1 2 3 4; do MOEKIT_COPY_VARIANT=$v timeout 60 .gpu/examples/bench_report --filter none --reps 20 2>&1 \
+    | grep ceiling/ | sed "s/^/copy-v$v /" >>"$out/variants.txt"; done
+  for v in 0 1 2; do MOEKIT_PERMUTE_VARIANT=$v timeout 120 .gpu/examples/bench_report --filter /permute \
+    --tokens 4096,16384 --reps 20 2>&1 | grep /permute | sed "s/^/permute-v$v /" >>"$out/variants.txt"; done
+  for v in 0 1 2 3; do MOEKIT_COMBINE_VARIANT=$v timeout 120 .gpu/examples/bench_report --filter /combine \
+    --tokens 4096,16384 --reps 20 2>&1 | grep /combine | sed "s/^/combine-v$v /" >>"$out/variants.txt"; done
+  summary+=("variants: done")
+fi
+if has ncu-gating; then
+  timeout 300 ncu --clock-control none -k regex:topk_gating --launch-skip 10 --launch-count 1 --set full \
+    .gpu/examples/bench_report --filter dsv3/T16384/gate-noaux-tc --tokens 16384 --reps 12 >"$out/ncu-gating.txt" 2>&1
+  summary+=("ncu-gating: rc=$?")
+fi
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+tar czf "$final/logs.tgz" -C "$out" .
+for f in bench.txt bench.json torch.json summary.txt variants.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done

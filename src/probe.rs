@@ -41,3 +41,13 @@ pub fn empty_launch(stream: &CudaStream) -> Result<()> {
     let status = unsafe { ffi::moekit_empty_kernel(raw_stream(stream)) };
     check_status(status, "launching the empty kernel")
 }
+
+/// Enqueues one thread that spins for `micros` microseconds of device time. Benchmarks put it
+/// before a timed launch, so the host's enqueue latency overlaps it and CUDA events around the
+/// launch measure the device alone.
+pub fn busy_wait(stream: &CudaStream, micros: f64) -> Result<()> {
+    prepare_launch(stream)?;
+    // SAFETY: the kernel takes a duration and touches no memory.
+    let status = unsafe { ffi::moekit_busy_wait((micros * 1e3) as u64, raw_stream(stream)) };
+    check_status(status, "launching the busy-wait kernel")
+}

@@ -46,7 +46,12 @@ fn copy_probe_matches_reference_for_any_size_and_alignment() {
             let src: Vec<u8> = (0..n + src_off).map(|_| r.random()).collect();
             let d_src = upload(s, &src).unwrap();
             let mut d_dst = upload(s, &vec![0xA5u8; n + dst_off]).unwrap();
-            probe::copy_bytes(s, &d_src.slice(src_off..), &mut d_dst.slice_mut(dst_off..)).unwrap();
+            probe::copy_bytes(
+                s,
+                &d_src.slice(src_off..src_off + n),
+                &mut d_dst.slice_mut(dst_off..dst_off + n),
+            )
+            .unwrap();
             let got = s.clone_dtoh(&d_dst.slice(..n + dst_off)).unwrap();
             assert!(
                 got[..dst_off].iter().all(|&b| b == 0xA5),

@@ -1,14 +1,19 @@
 // Top-k gating kernel: one warp per token row.
 //
 // Cost model (DeepSeek-V3, E = 256, k = 8, f32 logits): the floor is reading T*E*4 bytes once,
-// 4 MB at T = 4096 = about 1 us at 4.25 TB/s, so the kernel has to keep the arithmetic per row
-// small and many rows in flight. Each lane holds S = E/32 values in registers (S a power of two,
-// so every loop over slots unrolls), loaded with 16-byte accesses when the row allows it. Each of
-// the k selection rounds is S compares per lane plus one 5-step warp reduction; no sort.
+// 4 MB at T = 4096 = about 1 us at 4.25 TB/s, so the kernel must keep the instructions per row
+// few: at T = 16384 the 12 us target leaves ~190 issue cycles per row per SM. Each lane holds
+// S = E/32 values in registers (S a power of two, so every loop over slots unrolls), loaded with
+// 16-byte accesses when the row allows it.
 //
-// Selection keys are floats mapped to ordered u32 (see order_key); a candidate is the u64
-// (key << 32 | ~expert), so one unsigned max picks the highest score and, among equal scores, the
-// lowest expert index: reruns are bitwise identical and ties are deterministic.
+// Selection: a float score is mapped to an ordered u32 (order_key) so one `redux.sync` finds the
+// warp's maximum, and a second `redux.sync` over the candidate expert ids picks the lowest expert
+// among equal maxima: k rounds of ~5*S instructions, exact, deterministic, ties to the lower index.
+// (v1 used a 64-bit shuffle butterfly per round: ~100 instructions per round; measured 3 ns/row.)
+//
+// Group-limited selection has a register fast path when each group is a power-of-two run of lanes
+// within one chunk (DeepSeek-V3: 32 experts per group = 8 lanes x 4 f32 slots): group scores are
+// butterfly reductions within those lanes. Other group shapes stage the keys in shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,17 +31,29 @@ namespace moekit {
 namespace gating {
 
 constexpr int kWarpsPerBlock = 4;
+// The register group path keeps a score, a group id and a flag per chunk: past 8 chunks per lane
+// (E > 1024 f32) that pushed the 128-slot kernel to 255 registers and spills, so wider rows stage
+// their keys in shared memory instead.
+constexpr int kMaxRegisterGroupChunks = 8;
 
-// Selection keys are compared through the logits themselves when the score is a monotone function
-// of the logit alone (no correction bias, no group sums): exact, and cheaper than scoring all E.
+// Selection keys are the logits themselves when the score is a monotone function of the logit
+// alone (no correction bias, no group sums): exact, and no score needs computing for selection.
 enum KeyMode : int { kKeyLogit = 0, kKeyScore = 1 };
+
+// Launch-time facts the kernel branches on (uniform across the grid).
+struct Shape {
+  int key_mode;
+  int vector_rows;   // rows and biases start V-aligned: 16-byte loads
+  int group_lanes;   // > 0: register group path, lanes per group; 0: shared-memory path or no groups
+  int grouped;       // group-limited selection applies
+};
 
 // Maps a float to a u32 whose unsigned order is the float order, with -0 == +0. NaN never reaches
 // it (callers map NaN to -inf). Every valid key is >= order_key(-inf) = 0x007fffff, so 0 is free to
 // mean "never select" (past E, outside the kept groups, or already chosen).
 __device__ __forceinline__ uint32_t order_key(float f) {
   const uint32_t u = __float_as_uint(f + 0.0f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
 }
 
 __device__ __forceinline__ float key_value(uint32_t k) {
@@ -45,11 +62,13 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 __device__ __forceinline__ float no_nan(float x) { return isnan(x) ? -INFINITY : x; }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// 1 / (1 + e^-x) with the fast exponential (a few ulp, far inside the 1e-5 the tests allow) and a
+// correctly rounded reciprocal, which maps e^-x = inf to 0.
+__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.0f + __expf(-x)); }
 
-// exp(x - m) with the limits made explicit: the entries equal to the maximum get 1, so a +inf
-// logit takes all the mass (shared with other +inf logits) instead of producing NaN.
-__device__ __forceinline__ float softmax_numerator(float x, float m) { return x == m ? 1.0f : expf(x - m); }
+// exp(x - m) with the limits made explicit: entries equal to the maximum get 1, so a +inf logit
+// takes all the mass (shared with other +inf logits) instead of producing NaN.
+__device__ __forceinline__ float softmax_numerator(float x, float m) { return x == m ? 1.0f : __expf(x - m); }
 
 // The expert held in slot s of a lane: lanes own V consecutive experts per 32*V-wide chunk, so a
 // warp's V-wide loads cover a contiguous stretch of the row.
@@ -58,7 +77,6 @@ __device__ __forceinline__ int expert_of(int s, int lane) {
   return ((s / V) * 32 + lane) * V + (s % V);
 }
 
-// Score of one (sanitized) logit given the softmax statistics of its row.
 __device__ __forceinline__ float score_of(float x, int score_func, float row_max, float row_sum) {
   if (score_func == MOEKIT_SCORE_SOFTMAX) {
     return row_max == -INFINITY ? 0.0f : softmax_numerator(x, row_max) / row_sum;
@@ -67,10 +85,139 @@ __device__ __forceinline__ float score_of(float x, int score_func, float row_max
   return x;
 }
 
+// V consecutive f32 of a bias vector starting at e0 (all < E), 16-byte loads when aligned.
+template <int V>
+__device__ __forceinline__ void load_bias(const float *bias, int e0, int E, bool vector_ok, float (&out)[V]) {
+  if (vector_ok && e0 < E) {
+#pragma unroll
+    for (int h = 0; h < (V + 3) / 4; ++h) {
+      if constexpr (V >= 4) {
+        const float4 b = __ldg(reinterpret_cast<const float4 *>(bias + e0) + h);
+        out[4 * h] = b.x;
+        out[4 * h + 1] = b.y;
+        out[4 * h + 2] = b.z;
+        out[4 * h + 3] = b.w;
+      }
+    }
+    if constexpr (V < 4) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[j] = __ldg(bias + e0 + j);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = e0 + j < E ? __ldg(bias + e0 + j) : 0.0f;
+  }
+}
+
+// Group scores from keys staged in shared memory: any group size.
+template <int S, int V>
+__device__ void select_groups_smem(const moekit_gating_params &p, uint32_t (&key)[S], uint32_t *row_keys, int lane) {
+  const int n_group = p.n_group;
+  const int G = p.num_experts / n_group;
+  uint32_t *group_score = row_keys + 32 * S;  // [n_group]
+  uint32_t *kept = group_score + n_group;     // [n_group]
+#pragma unroll
+  for (int s = 0; s < S; ++s) row_keys[expert_of<V>(s, lane)] = key[s];
+  __syncwarp();
+  for (int g = lane; g < n_group; g += 32) {
+    const uint32_t *gk = row_keys + g * G;
+    uint32_t t1 = 0, t2 = 0;  // the two largest keys of the group
+    for (int i = 0; i < G; ++i) {
+      const uint32_t v = gk[i];
+      t2 = max(t2, min(t1, v));
+      t1 = max(t1, v);
+    }
+    group_score[g] = p.group_select == MOEKIT_GROUP_MAX
+                         ? t1
+                         : order_key(no_nan(G > 1 ? key_value(t1) + key_value(t2) : key_value(t1)));
+    kept[g] = 0;
+  }
+  __syncwarp();
+  for (int r = 0; r < p.topk_group; ++r) {
+    uint32_t best = 0;
+    for (int g = lane; g < n_group; g += 32) best = max(best, kept[g] ? 0u : group_score[g]);
+    const uint32_t m = __reduce_max_sync(kFullMask, best);
+    uint32_t cand = 0xffffffffu;
+    for (int g = lane; g < n_group; g += 32) {
+      if (!kept[g] && group_score[g] == m) cand = min(cand, (uint32_t)g);
+    }
+    const uint32_t gw = __reduce_min_sync(kFullMask, cand);
+    if (lane == 0) kept[gw] = 1;
+    __syncwarp();
+  }
+  for (int e = lane; e < p.num_experts; e += 32) {
+    if (!kept[e / G]) row_keys[e] = 0;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int s = 0; s < S; ++s) key[s] = row_keys[expert_of<V>(s, lane)];
+}
+
+// Group scores in registers when a group is `lanes` (a power of two <= 32) consecutive lanes of
+// one chunk: lane L of chunk c belongs to group (c*32 + L) / lanes.
+template <int S, int V>
+__device__ __forceinline__ void select_groups_lanes(const moekit_gating_params &p, uint32_t (&key)[S], int lanes,
+                                                    int lane) {
+  constexpr int C = S / V;
+  uint32_t score[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    uint32_t t1 = 0, t2 = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const uint32_t v = key[c * V + j];
+      t2 = max(t2, min(t1, v));
+      t1 = max(t1, v);
+    }
+    for (int o = 1; o < lanes; o <<= 1) {  // butterfly: every lane of the group gets the result
+      const uint32_t u1 = __shfl_xor_sync(kFullMask, t1, o);
+      const uint32_t u2 = __shfl_xor_sync(kFullMask, t2, o);
+      t2 = max(max(t2, u2), min(t1, u1));
+      t1 = max(t1, u1);
+    }
+    const int G = lanes * V;
+    score[c] = p.group_select == MOEKIT_GROUP_MAX
+                   ? t1
+                   : order_key(no_nan(G > 1 ? key_value(t1) + key_value(t2) : key_value(t1)));
+  }
+  // Group of chunk c for this lane; lanes is a power of two, so the division is a shift.
+  const int shift = __ffs(lanes) - 1;
+  uint32_t group[C];
+  bool kept[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    group[c] = (uint32_t)((c * 32 + lane) >> shift);
+    kept[c] = false;
+  }
+  for (int r = 0; r < p.topk_group; ++r) {
+    uint32_t best = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const bool live = !kept[c] && group[c] < (uint32_t)p.n_group;
+      best = max(best, live ? score[c] : 0u);
+    }
+    const uint32_t m = __reduce_max_sync(kFullMask, best);
+    uint32_t cand = 0xffffffffu;
+#pragma unroll
+    for (int c = C - 1; c >= 0; --c) {
+      if (!kept[c] && group[c] < (uint32_t)p.n_group && score[c] == m) cand = min(cand, group[c]);
+    }
+    const uint32_t gw = __reduce_min_sync(kFullMask, cand);
+#pragma unroll
+    for (int c = 0; c < C; ++c) kept[c] = kept[c] || group[c] == gw;
+  }
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) key[c * V + j] = kept[c] ? key[c * V + j] : 0u;
+  }
+}
+
 template <typename In, int S, int V>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
-    topk_gating_kernel(const moekit_gating_params p, const int key_mode, const bool vector_rows) {
+    topk_gating_kernel(const moekit_gating_params p, const Shape shape) {
   static_assert(S % V == 0, "slots per lane must be a multiple of the vector width");
+  constexpr int C = S / V;
   extern __shared__ uint32_t group_smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -79,14 +226,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   const int E = p.num_experts;
   const In *logits = static_cast<const In *>(p.logits) + row * E;
 
-  // 1. Logits (+ router bias); NaN behaves as -inf everywhere after this point. Rows that are not
-  // V-aligned (E % V != 0 or an odd base address) take the same slots with scalar loads: one
-  // instantiation serves both, which keeps the fatbin small.
+  // 1. Logits (+ router bias); NaN behaves as -inf from here on. Rows that are not V-aligned take
+  // the same slots with scalar loads: one instantiation serves both, keeping the fatbin small.
   float x[S];
 #pragma unroll
-  for (int c = 0; c < S / V; ++c) {
+  for (int c = 0; c < C; ++c) {
     const int e0 = (c * 32 + lane) * V;
-    if (vector_rows && e0 < E) {  // E % V == 0 here: the whole vector is in the row
+    if (shape.vector_rows && e0 < E) {  // E % V == 0 here: the whole vector is in the row
       const Packed<In, V> pk = ldg(reinterpret_cast<const Packed<In, V> *>(logits + e0));
 #pragma unroll
       for (int j = 0; j < V; ++j) x[c * V + j] = Dtype<In>::to_f32(pk.v[j]);
@@ -94,21 +240,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
 #pragma unroll
       for (int j = 0; j < V; ++j) x[c * V + j] = e0 + j < E ? Dtype<In>::to_f32(logits[e0 + j]) : -INFINITY;
     }
+    if (p.router_bias != nullptr) {
+      float b[V];
+      load_bias<V>(p.router_bias, e0, E, shape.vector_rows, b);
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[c * V + j] += b[j];
+    }
   }
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    const int e = expert_of<V>(s, lane);
-    if (p.router_bias != nullptr && e < E) x[s] += __ldg(p.router_bias + e);
-    x[s] = no_nan(x[s]);
-  }
+  for (int s = 0; s < S; ++s) x[s] = no_nan(x[s]);
 
-  // 2. Softmax statistics over all E logits (only for the softmax score).
+  // 2. Softmax statistics over all E logits (only for the softmax score). The row maximum is a
+  // 32-bit integer max of ordered keys: one redux.sync.
   float row_max = -INFINITY, row_sum = 0.0f;
   if (p.score_func == MOEKIT_SCORE_SOFTMAX) {
-    float m = -INFINITY;
+    uint32_t m = 0;
 #pragma unroll
-    for (int s = 0; s < S; ++s) m = fmaxf(m, x[s]);
-    row_max = warp_max(m);
+    for (int s = 0; s < S; ++s) m = max(m, order_key(x[s]));
+    row_max = key_value(__reduce_max_sync(kFullMask, m));
     if (row_max != -INFINITY) {
       float acc = 0.0f;
 #pragma unroll
@@ -117,101 +266,56 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
     }
   }
 
-  // 3. Selection keys.
+  // 3. Selection keys; slots past E get 0 (never selected).
   uint32_t key[S];
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    const int e = expert_of<V>(s, lane);
-    float k = x[s];
-    if (key_mode == kKeyScore) {
-      k = score_of(x[s], p.score_func, row_max, row_sum);
-      if (p.correction_bias != nullptr && e < E) k += __ldg(p.correction_bias + e);
-      k = no_nan(k);
+  for (int c = 0; c < C; ++c) {
+    const int e0 = (c * 32 + lane) * V;
+    float corr[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) corr[j] = 0.0f;
+    if (shape.key_mode == kKeyScore && p.correction_bias != nullptr) {
+      load_bias<V>(p.correction_bias, e0, E, shape.vector_rows, corr);
     }
-    key[s] = e < E ? order_key(k) : 0u;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int s = c * V + j;
+      float k = x[s];
+      if (shape.key_mode == kKeyScore) k = no_nan(score_of(x[s], p.score_func, row_max, row_sum) + corr[j]);
+      key[s] = e0 + j < E ? order_key(k) : 0u;
+    }
   }
 
-  // 4. Group-limited selection: zero the keys of every group that is not among the best topk_group.
-  if (p.group_select != MOEKIT_GROUP_NONE && p.n_group > 1) {
-    const int n_group = p.n_group;
-    const int G = E / n_group;
-    uint32_t *row_keys = group_smem + (size_t)warp * (32 * S + 2 * n_group);  // [32*S]
-    uint32_t *group_score = row_keys + 32 * S;                               // [n_group]
-    uint32_t *kept = group_score + n_group;                                  // [n_group]
-#pragma unroll
-    for (int s = 0; s < S; ++s) row_keys[expert_of<V>(s, lane)] = key[s];
-    __syncwarp();
-    for (int g = lane; g < n_group; g += 32) {
-      const uint32_t *gk = row_keys + g * G;
-      uint32_t score;
-      if (p.group_select == MOEKIT_GROUP_MAX) {
-        uint32_t m = 0;
-        for (int i = 0; i < G; ++i) m = max(m, gk[i]);
-        score = m;
-      } else {  // sum of the two best, or the one expert of a one-expert group
-        float t1 = -INFINITY, t2 = -INFINITY;
-        for (int i = 0; i < G; ++i) {
-          const float v = key_value(gk[i]);
-          if (v > t1) {
-            t2 = t1;
-            t1 = v;
-          } else if (v > t2) {
-            t2 = v;
-          }
-        }
-        score = order_key(no_nan(G > 1 ? t1 + t2 : t1));
-      }
-      group_score[g] = score;
-      kept[g] = 0;
-    }
-    __syncwarp();
-    for (int r = 0; r < p.topk_group; ++r) {
-      uint64_t best = 0;
-      for (int g = lane; g < n_group; g += 32) {
-        const uint64_t c = kept[g] ? 0ull : ((uint64_t)group_score[g] << 32) | (uint32_t)~(uint32_t)g;
-        best = c > best ? c : best;
-      }
-      best = warp_max_u64(best);
-      if (lane == 0) kept[~(uint32_t)best] = 1;
-      __syncwarp();
-    }
-    if (G >= 32) {
-      for (int g = 0; g < n_group; ++g) {
-        if (kept[g]) continue;  // kept[] is the same for every lane: a uniform branch
-        for (int i = lane; i < G; i += 32) row_keys[g * G + i] = 0;
-      }
-    } else {
-      for (int e = lane; e < E; e += 32) {
-        if (!kept[e / G]) row_keys[e] = 0;
+  // 4. Group-limited selection: zero the keys of every group not among the best topk_group.
+  if (shape.grouped) {
+    bool done = false;
+    if constexpr (C <= kMaxRegisterGroupChunks) {
+      if (shape.group_lanes > 0) {
+        select_groups_lanes<S, V>(p, key, shape.group_lanes, lane);
+        done = true;
       }
     }
-    __syncwarp();
-#pragma unroll
-    for (int s = 0; s < S; ++s) key[s] = row_keys[expert_of<V>(s, lane)];
+    if (!done) select_groups_smem<S, V>(p, key, group_smem + (size_t)warp * (32 * S + 2 * p.n_group), lane);
   }
 
-  // 5. k rounds of warp argmax. Lane j keeps the j-th chosen expert.
+  // 5. k rounds: the warp's largest key, then the lowest expert holding it. Lane j keeps the j-th.
+  // Slot offsets (expert - lane*V) are compile-time constants: comparing against them keeps the
+  // per-slot expert ids out of registers (hoisted, they pushed the 128-slot kernel into spills).
+  const uint32_t lane_base = (uint32_t)(lane * V);
   int my_id = 0;
   for (int j = 0; j < p.top_k; ++j) {
-    uint32_t best = 0;
-    int best_slot = 0;
+    uint32_t lane_max = key[0];
 #pragma unroll
-    for (int s = 0; s < S; ++s) {
-      if (key[s] > best) {  // strict: the lowest slot (= lowest expert of this lane) wins ties
-        best = key[s];
-        best_slot = s;
-      }
-    }
-    const uint32_t e_best = (uint32_t)expert_of<V>(best_slot, lane);
-    const uint64_t winner = warp_max_u64(((uint64_t)best << 32) | (uint32_t)~e_best);
-    const int e_win = (int)~(uint32_t)winner;
-    if (lane == j) my_id = e_win;
-    const int owner = (e_win / V) & 31;
-    const int owner_slot = ((e_win / V) >> 5) * V + (e_win % V);
-    if (lane == owner) {
+    for (int s = 1; s < S; ++s) lane_max = max(lane_max, key[s]);
+    const uint32_t m = __reduce_max_sync(kFullMask, lane_max);
+    uint32_t offset = 0xffffffffu;
 #pragma unroll
-      for (int s = 0; s < S; ++s) key[s] = (s == owner_slot) ? 0u : key[s];
-    }
+    for (int s = S - 1; s >= 0; --s) offset = key[s] == m ? (uint32_t)expert_of<V>(s, 0) : offset;
+    const uint32_t winner = __reduce_min_sync(kFullMask, offset == 0xffffffffu ? offset : offset + lane_base);
+    if (lane == j) my_id = (int)winner;
+    const uint32_t winner_offset = winner - lane_base;  // a slot offset only in the owner lane
+#pragma unroll
+    for (int s = 0; s < S; ++s) key[s] = winner_offset == (uint32_t)expert_of<V>(s, 0) ? 0u : key[s];
   }
 
   // 6. Weights of the chosen experts, lane j for the j-th.
@@ -224,7 +328,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   }
   float w;
   if (p.weight_source == MOEKIT_WEIGHTS_SOFTMAX_CHOSEN) {
-    const float m = warp_max(xl);
+    const float m = key_value(__reduce_max_sync(kFullMask, order_key(xl)));
     const float num = (active && m != -INFINITY) ? softmax_numerator(xl, m) : 0.0f;
     const float total = warp_sum(num);
     w = total > 0.0f ? num / total : 0.0f;
@@ -245,16 +349,34 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
 
 // V = 16 bytes of logits per load, or S when a lane holds fewer.
 template <typename In, int S>
-moekit_status run(const moekit_gating_params &p, int key_mode, bool grouped, moekit_stream stream) {
+moekit_status run(const moekit_gating_params &p, moekit_stream stream) {
   constexpr int V = (16 / (int)sizeof(In)) < S ? (16 / (int)sizeof(In)) : S;
-  const bool vector_rows =
-      p.num_experts % V == 0 && reinterpret_cast<uintptr_t>(p.logits) % (V * sizeof(In)) == 0;
-  const size_t smem = grouped ? (size_t)kWarpsPerBlock * (32 * S + 2 * p.n_group) * sizeof(uint32_t) : 0;
+  auto aligned = [](const void *ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  Shape shape;
+  shape.grouped = p.group_select != MOEKIT_GROUP_NONE && p.n_group > 1;
+  shape.key_mode =
+      (p.correction_bias == nullptr && !(shape.grouped && p.group_select == MOEKIT_GROUP_SUM_TOP2)) ? kKeyLogit
+                                                                                                     : kKeyScore;
+  const size_t bias_align = V * sizeof(float) >= 16 ? 16 : V * sizeof(float);
+  shape.vector_rows = p.num_experts % V == 0 && aligned(p.logits, V * sizeof(In)) &&
+                      (p.router_bias == nullptr || aligned(p.router_bias, bias_align)) &&
+                      (p.correction_bias == nullptr || aligned(p.correction_bias, bias_align));
+  shape.group_lanes = 0;
+  if (shape.grouped) {
+    const int G = p.num_experts / p.n_group;
+    const int lanes = G / V;
+    if (G % V == 0 && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0 && S / V <= kMaxRegisterGroupChunks) {
+      shape.group_lanes = lanes;
+    }
+  }
+  const size_t smem = shape.grouped && shape.group_lanes == 0
+                          ? (size_t)kWarpsPerBlock * (32 * S + 2 * p.n_group) * sizeof(uint32_t)
+                          : 0;
   auto kernel = topk_gating_kernel<In, S, V>;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int64_t blocks = ceil_div(p.tokens, kWarpsPerBlock);
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  kernel<<<(unsigned)blocks, kWarpsPerBlock * 32, smem, stream>>>(p, key_mode, vector_rows);
+  kernel<<<(unsigned)blocks, kWarpsPerBlock * 32, smem, stream>>>(p, shape);
   return last_launch_status();
 }
 
@@ -262,16 +384,13 @@ moekit_status run(const moekit_gating_params &p, int key_mode, bool grouped, moe
 // would leave 16-bit rows without a vector load and save nothing measurable).
 template <typename In>
 moekit_status launch(const moekit_gating_params &p, moekit_stream stream) {
-  const bool grouped = p.group_select != MOEKIT_GROUP_NONE && p.n_group > 1;
-  const int key_mode =
-      (p.correction_bias == nullptr && p.group_select != MOEKIT_GROUP_SUM_TOP2) ? kKeyLogit : kKeyScore;
   const int per_lane = (p.num_experts + 31) / 32;
-  if (per_lane <= 4) return run<In, 4>(p, key_mode, grouped, stream);
-  if (per_lane <= 8) return run<In, 8>(p, key_mode, grouped, stream);
-  if (per_lane <= 16) return run<In, 16>(p, key_mode, grouped, stream);
-  if (per_lane <= 32) return run<In, 32>(p, key_mode, grouped, stream);
-  if (per_lane <= 64) return run<In, 64>(p, key_mode, grouped, stream);
-  if (per_lane <= 128) return run<In, 128>(p, key_mode, grouped, stream);
+  if (per_lane <= 4) return run<In, 4>(p, stream);
+  if (per_lane <= 8) return run<In, 8>(p, stream);
+  if (per_lane <= 16) return run<In, 16>(p, stream);
+  if (per_lane <= 32) return run<In, 32>(p, stream);
+  if (per_lane <= 64) return run<In, 64>(p, stream);
+  if (per_lane <= 128) return run<In, 128>(p, stream);
   return MOEKIT_ERR_UNSUPPORTED;
 }
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/convert.cuh"
 #include "device/launch.cuh"
@@ -19,7 +20,6 @@ namespace moekit {
 namespace combine {
 
 constexpr int kWarps = 8;
-constexpr int kSlotBatch = 4;
 
 // Stores N values of To; accesses wider than 16 bytes are split into 16-byte stores.
 template <typename To, int N>
@@ -60,7 +60,9 @@ __device__ __forceinline__ void add_packed(const To *src, float (&acc)[N]) {
 }
 
 // N: elements of y per access (16 bytes of y on the vector path, 1 on the scalar path).
-template <typename Ty, typename To, int N>
+// U: vector positions per lane per iteration, B: slots loaded before any is used; U*B independent
+// loads in flight per lane.
+template <typename Ty, typename To, int N, int U, int B>
 __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const moekit_combine_params p) {
   __shared__ int rows_smem[kWarps][32];
   __shared__ float weights_smem[kWarps][32];
@@ -81,41 +83,56 @@ __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const moekit_combi
   const To *residual = static_cast<const To *>(p.residual);
   To *out = static_cast<To *>(p.out) + t * p.hidden;
   const int64_t n_vec = p.hidden / N;
-  for (int64_t v = lane; v < n_vec; v += 32) {
-    float acc[N];
+  for (int64_t v0 = lane; v0 < n_vec; v0 += 32 * U) {
+    float acc[U][N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] = 0.0f;
-    for (int j0 = 0; j0 < k; j0 += kSlotBatch) {
-      Packed<Ty, N> vals[kSlotBatch];
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int u = 0; u < kSlotBatch; ++u) {
-        const int j = j0 + u;
+      for (int i = 0; i < N; ++i) acc[u][i] = 0.0f;
+    }
+    for (int j0 = 0; j0 < k; j0 += B) {
+      Packed<Ty, N> vals[B][U];
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const int j = j0 + b;
         if (j < k && rows[j] >= 0) {
-          vals[u] = ldg(reinterpret_cast<const Packed<Ty, N> *>(y + (int64_t)rows[j] * p.hidden) + v);
+          const Packed<Ty, N> *src = reinterpret_cast<const Packed<Ty, N> *>(y + (int64_t)rows[j] * p.hidden);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (v0 + u * 32 < n_vec) vals[b][u] = ldg(src + v0 + u * 32);
+          }
         }
       }
 #pragma unroll
-      for (int u = 0; u < kSlotBatch; ++u) {
-        const int j = j0 + u;
+      for (int b = 0; b < B; ++b) {
+        const int j = j0 + b;
         if (j < k && rows[j] >= 0) {
           const float w = weights[j];
 #pragma unroll
-          for (int i = 0; i < N; ++i) acc[i] = fmaf(w, Dtype<Ty>::to_f32(vals[u].v[i]), acc[i]);
+          for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) acc[u][i] = fmaf(w, Dtype<Ty>::to_f32(vals[b][u].v[i]), acc[u][i]);
+          }
         }
       }
     }
-    if (shared != nullptr) add_packed<To, N>(shared + t * p.hidden + v * N, acc);
-    if (residual != nullptr) add_packed<To, N>(residual + t * p.hidden + v * N, acc);
-    store_packed<To, N>(out + v * N, acc);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * 32;
+      if (v >= n_vec) break;
+      if (shared != nullptr) add_packed<To, N>(shared + t * p.hidden + v * N, acc[u]);
+      if (residual != nullptr) add_packed<To, N>(residual + t * p.hidden + v * N, acc[u]);
+      store_packed<To, N>(out + v * N, acc[u]);
+    }
   }
 }
 
-template <typename Ty, typename To, int N>
+template <typename Ty, typename To, int N, int U = 1, int B = 4>
 moekit_status run(const moekit_combine_params &p, moekit_stream stream) {
   const int64_t blocks = ceil_div(p.tokens, kWarps);
   if (blocks == 0) return MOEKIT_OK;
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  combine_kernel<Ty, To, N><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p);
+  combine_kernel<Ty, To, N, U, B><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p);
   return last_launch_status();
 }
 
@@ -128,7 +145,17 @@ moekit_status run_types(const moekit_combine_params &p, moekit_stream stream) {
   const bool vector_ok = p.hidden % kN == 0 && aligned(p.y, 16) && aligned(p.out, out_bytes) &&
                          (p.shared == nullptr || aligned(p.shared, out_bytes)) &&
                          (p.residual == nullptr || aligned(p.residual, out_bytes));
-  if (vector_ok) return run<Ty, To, kN>(p, stream);
+  if (vector_ok) {
+    // Experiment knob (MOEKIT_COMBINE_VARIANT), measured in BENCHMARKS.md; removed once settled.
+    if constexpr (sizeof(Ty) == 2 && sizeof(To) == 2) {
+      const char *env = getenv("MOEKIT_COMBINE_VARIANT");
+      const int variant = env ? atoi(env) : 0;
+      if (variant == 1) return run<Ty, To, kN, 2, 8>(p, stream);
+      if (variant == 2) return run<Ty, To, kN, 1, 8>(p, stream);
+      if (variant == 3) return run<Ty, To, kN, 2, 4>(p, stream);
+    }
+    return run<Ty, To, kN>(p, stream);
+  }
   return run<Ty, To, 1>(p, stream);
 }
 

@@ -7,6 +7,7 @@
 // different rows, each written with full 16-byte stores.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/load.cuh"
@@ -16,7 +17,7 @@ namespace moekit {
 namespace permute {
 
 constexpr int kWarps = 8;
-constexpr int kUnroll = 4;  // vectors each lane loads before its first store
+// Vectors each lane loads before its first store (template parameter kUnroll of the kernel).
 
 template <int VW>
 struct alignas(VW) Bytes {
@@ -24,7 +25,7 @@ struct alignas(VW) Bytes {
 };
 
 // Copies one row of n_vec VW-byte vectors from src to every dst row in rows[0..k) that is >= 0.
-template <int VW>
+template <int VW, int kUnroll>
 __device__ __forceinline__ void scatter_row(const unsigned char *src, unsigned char *dst_base, int64_t row_bytes,
                                             const int *rows, int k, int64_t n_vec, int lane) {
   for (int64_t v0 = lane; v0 < n_vec; v0 += 32 * kUnroll) {
@@ -57,7 +58,7 @@ __device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int 
 
 // Blocks [0, token_blocks) scatter tokens, one warp per token; the remaining blocks zero the
 // padding rows, one warp per (expert, padding slot) candidate.
-template <int VW>
+template <int VW, int kUnroll>
 __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permute_params p, const int64_t token_blocks) {
   __shared__ int rows_smem[kWarps][32];
   const int lane = threadIdx.x & 31;
@@ -70,10 +71,10 @@ __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permu
     int *rows = rows_smem[warp];
     if (lane < p.top_k) rows[lane] = __ldg(p.inverse_map + t * p.top_k + lane);
     __syncwarp();
-    scatter_row<VW>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
+    scatter_row<VW, kUnroll>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
                     p.row_bytes, rows, p.top_k, n_vec, lane);
     if (scale_words > 0) {
-      scatter_row<4>(static_cast<const unsigned char *>(p.x_scales) + t * p.scale_bytes,
+      scatter_row<4, 4>(static_cast<const unsigned char *>(p.x_scales) + t * p.scale_bytes,
                      static_cast<unsigned char *>(p.xp_scales), p.scale_bytes, rows, p.top_k, scale_words, lane);
     }
     return;
@@ -88,14 +89,14 @@ __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permu
   if (scale_words > 0) zero_row<4>(static_cast<unsigned char *>(p.xp_scales) + r * p.scale_bytes, scale_words, lane);
 }
 
-template <int VW>
+template <int VW, int kUnroll = 4>
 moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   const int64_t token_blocks = ceil_div(p.tokens, kWarps);
   const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
   const int64_t blocks = token_blocks + pad_blocks;
   if (blocks == 0) return MOEKIT_OK;
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  permute_kernel<VW><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
+  permute_kernel<VW, kUnroll><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
   return last_launch_status();
 }
 
@@ -116,7 +117,14 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
       ((reinterpret_cast<uintptr_t>(p->x_scales) | reinterpret_cast<uintptr_t>(p->xp_scales)) % 4 != 0)) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
-  if (bits % 16 == 0) return run<16>(*p, stream);
+  if (bits % 16 == 0) {
+    // Experiment knob (MOEKIT_PERMUTE_VARIANT), measured in BENCHMARKS.md; removed once settled.
+    const char *env = getenv("MOEKIT_PERMUTE_VARIANT");
+    const int variant = env ? atoi(env) : 0;
+    if (variant == 1) return run<16, 8>(*p, stream);
+    if (variant == 2) return run<16, 2>(*p, stream);
+    return run<16>(*p, stream);
+  }
   if (bits % 8 == 0) return run<8>(*p, stream);
   if (bits % 4 == 0) return run<4>(*p, stream);
   if (bits % 2 == 0) return run<2>(*p, stream);

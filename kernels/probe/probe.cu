@@ -4,6 +4,7 @@
 // about 4.25 TB/s (torch's copy_ measured 4250 GB/s there), 1 ms for 2 GiB.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "moekit.h"
@@ -30,12 +31,46 @@ __global__ void __launch_bounds__(256) copy_16b_kernel(const uint4 *__restrict__
   for (; i < n_vec; i += stride) __stcs(dst + i, __ldcs(src + i));
 }
 
+// One pass, no grid-stride loop: block b copies kPerThread*256 consecutive vectors, each thread
+// kPerThread of them 256 apart (coalesced), all loads issued before the first store.
+template <int kPerThread, bool kStreaming>
+__global__ void __launch_bounds__(256) copy_16b_onepass_kernel(const uint4 *__restrict__ src, uint4 *__restrict__ dst,
+                                                               uint64_t n_vec) {
+  const uint64_t base = (uint64_t)blockIdx.x * 256 * kPerThread + threadIdx.x;
+  uint4 v[kPerThread];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const uint64_t j = base + (uint64_t)i * 256;
+    if (j < n_vec) v[i] = kStreaming ? __ldcs(src + j) : __ldg(src + j);
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const uint64_t j = base + (uint64_t)i * 256;
+    if (j < n_vec) {
+      if (kStreaming) {
+        __stcs(dst + j, v[i]);
+      } else {
+        dst[j] = v[i];
+      }
+    }
+  }
+}
+
 __global__ void copy_bytes_kernel(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, uint64_t n) {
   const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
   for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
 }
 
 __global__ void empty_kernel() {}
+
+__global__ void busy_wait_kernel(uint64_t ns) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
 
 }  // namespace
 }  // namespace moekit
@@ -51,9 +86,23 @@ extern "C" moekit_status moekit_copy_bytes(const moekit_copy_params *p, moekit_s
   if (src % 16 == 0 && dst % 16 == 0) {
     const uint64_t n_vec = p->n_bytes / 16;
     if (n_vec > 0) {
-      const int blocks = (int)std::min<uint64_t>(max_blocks, (n_vec + 255) / 256);
-      copy_16b_kernel<<<blocks, 256, 0, stream>>>(static_cast<const uint4 *>(p->src), static_cast<uint4 *>(p->dst),
-                                                  n_vec);
+      // Experiment knob (MOEKIT_COPY_VARIANT), measured in BENCHMARKS.md; removed once settled.
+      const char *env = getenv("MOEKIT_COPY_VARIANT");
+      const int variant = env ? atoi(env) : 0;
+      auto s = static_cast<const uint4 *>(p->src);
+      auto d = static_cast<uint4 *>(p->dst);
+      if (variant == 1) {
+        copy_16b_onepass_kernel<4, false><<<(unsigned)ceil_div(n_vec, 1024), 256, 0, stream>>>(s, d, n_vec);
+      } else if (variant == 2) {
+        copy_16b_onepass_kernel<8, true><<<(unsigned)ceil_div(n_vec, 2048), 256, 0, stream>>>(s, d, n_vec);
+      } else if (variant == 3) {
+        copy_16b_onepass_kernel<8, false><<<(unsigned)ceil_div(n_vec, 2048), 256, 0, stream>>>(s, d, n_vec);
+      } else if (variant == 4) {
+        copy_16b_onepass_kernel<4, true><<<(unsigned)ceil_div(n_vec, 1024), 256, 0, stream>>>(s, d, n_vec);
+      } else {
+        const int blocks = (int)std::min<uint64_t>(max_blocks, (n_vec + 255) / 256);
+        copy_16b_kernel<<<blocks, 256, 0, stream>>>(s, d, n_vec);
+      }
       MOEKIT_TRY_LAUNCH();
     }
     const uint64_t tail = p->n_bytes - n_vec * 16;
@@ -72,5 +121,10 @@ extern "C" moekit_status moekit_copy_bytes(const moekit_copy_params *p, moekit_s
 
 extern "C" moekit_status moekit_empty_kernel(moekit_stream stream) {
   moekit::empty_kernel<<<1, 32, 0, stream>>>();
+  return moekit::last_launch_status();
+}
+
+extern "C" moekit_status moekit_busy_wait(uint64_t nanoseconds, moekit_stream stream) {
+  moekit::busy_wait_kernel<<<1, 1, 0, stream>>>(nanoseconds);
   return moekit::last_launch_status();
 }

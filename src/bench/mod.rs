@@ -148,8 +148,18 @@ fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
         .during("creating a timing event")
 }
 
+/// Device time the host gets to enqueue one timed launch (events + launch) while the GPU spins:
+/// larger than the slowest enqueue measured here (the routing plan, three kernels and ten buffer
+/// guards, ~30 us with cudarc's event tracking).
+pub const ENQUEUE_HEADROOM_US: f64 = 100.0;
+
 /// Times `reps` calls of `launch(i)` (after `warmup` untimed calls), each between its own pair of
 /// CUDA events on `stream`; `i` counts every call, so `launch` can rotate its inputs by `i`.
+///
+/// Before each timed call the stream spins for [`ENQUEUE_HEADROOM_US`] on the device
+/// ([`crate::probe::busy_wait`]), so the events measure the device time of the launch, not the
+/// host's enqueue latency. (Without it, v1 of this harness reported an empty kernel at 4.2 us and
+/// a 5 us gating kernel at 21 us.)
 pub fn time_launches(
     stream: &Arc<CudaStream>,
     warmup: usize,
@@ -163,6 +173,7 @@ pub fn time_launches(
         .map(|_| Ok((timing_event(stream)?, timing_event(stream)?)))
         .collect::<Result<_>>()?;
     for (i, (start, end)) in events.iter().enumerate() {
+        crate::probe::busy_wait(stream, ENQUEUE_HEADROOM_US)?;
         start.record(stream).during("recording an event")?;
         launch(warmup + i)?;
         end.record(stream).during("recording an event")?;
@@ -178,19 +189,28 @@ pub fn time_launches(
 }
 
 /// For criterion's `iter_custom`: the device time of `iters` back-to-back calls of `launch(i)`,
-/// measured by one pair of CUDA events.
+/// in batches of up to 64 between CUDA events, each batch behind a device spin long enough for the
+/// host to enqueue it, so short kernels are not timed at the host's enqueue rate.
 pub fn time_iters(
     stream: &Arc<CudaStream>,
     iters: u64,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<Duration> {
+    const BATCH: u64 = 64;
     let (start, end) = (timing_event(stream)?, timing_event(stream)?);
-    start.record(stream).during("recording an event")?;
-    for i in 0..iters as usize {
-        launch(i)?;
+    let mut total_ms = 0.0f64;
+    let mut done = 0u64;
+    while done < iters {
+        let n = BATCH.min(iters - done);
+        crate::probe::busy_wait(stream, ENQUEUE_HEADROOM_US * n as f64)?;
+        start.record(stream).during("recording an event")?;
+        for i in done..done + n {
+            launch(i as usize)?;
+        }
+        end.record(stream).during("recording an event")?;
+        end.synchronize().during("waiting for the timed launches")?;
+        total_ms += start.elapsed_ms(&end).during("reading an event")? as f64;
+        done += n;
     }
-    end.record(stream).during("recording an event")?;
-    end.synchronize().during("waiting for the timed launches")?;
-    let ms = start.elapsed_ms(&end).during("reading an event")?;
-    Ok(Duration::from_secs_f64(ms as f64 * 1e-3))
+    Ok(Duration::from_secs_f64(total_ms * 1e-3))
 }

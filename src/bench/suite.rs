@@ -159,6 +159,24 @@ fn copy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
     ))
 }
 
+/// The driver's own device-to-device memcpy (cuMemcpyDtoDAsync), the ceiling torch's copy_ reports.
+fn memcpy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
+    const BYTES: usize = 2 << 30;
+    let stream = ctx.stream().clone();
+    let src = device_normal::<bf16>(&stream, &mut rng(1), BYTES / 2, 1.0)?;
+    // SAFETY: only written (by the copies being timed).
+    let mut dst =
+        unsafe { stream.alloc::<bf16>(BYTES / 2) }.during("allocating the copy target")?;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(2.0 * BYTES as f64),
+        Box::new(move |_| s.memcpy_dtod(&src, &mut dst).during("cuMemcpyDtoDAsync")),
+    ))
+}
+
 fn empty_case(ctx: &Context, name: &str) -> Result<BenchCase> {
     let s = ctx.stream().clone();
     Ok(case(
@@ -307,6 +325,9 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     let mut v = vec![
         CaseSpec::new("ceiling/copy-2GiB".into(), |ctx| {
             copy_case(ctx, "ceiling/copy-2GiB")
+        }),
+        CaseSpec::new("ceiling/memcpy-2GiB".into(), |ctx| {
+            memcpy_case(ctx, "ceiling/memcpy-2GiB")
         }),
         CaseSpec::new("launch/empty-kernel".into(), |ctx| {
             empty_case(ctx, "launch/empty-kernel")

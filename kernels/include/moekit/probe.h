@@ -16,6 +16,11 @@ MOEKIT_STATIC_ASSERT(sizeof(moekit_copy_params) == 24, "moekit_copy_params layou
  * aligned, otherwise byte copies. n_bytes == 0 launches nothing. */
 MOEKIT_EXTERN_C moekit_status moekit_copy_bytes(const moekit_copy_params *p, moekit_stream stream);
 
+/* One thread that spins for `nanoseconds` of device time (%globaltimer). Benchmarks enqueue it
+ * before a timed launch so the host's enqueue latency hides behind it and CUDA events time only
+ * the device. */
+MOEKIT_EXTERN_C moekit_status moekit_busy_wait(uint64_t nanoseconds, moekit_stream stream);
+
 /* One block of 32 threads that does nothing: the floor of any kernel's measured time. */
 MOEKIT_EXTERN_C moekit_status moekit_empty_kernel(moekit_stream stream);
 
