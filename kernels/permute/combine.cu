@@ -2,14 +2,13 @@
 // accumulated in f32, one warp per token, no atomics: deterministic and bitwise reproducible.
 //
 // Floor: read T*k*H elements of y once, write T*H: at DeepSeek-V3 T = 4096 (bf16) 470 MB + 59 MB,
-// 124 us at 4.25 TB/s. The k rows of one vector position are loaded in groups of kSlotBatch before
-// any is used, so each lane keeps several independent 16-byte loads in flight.
+// 124 us at 4.25 TB/s. The k rows of one vector position are loaded in groups of B before any is
+// used, so each lane keeps several independent 16-byte loads in flight.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/convert.cuh"
 #include "device/launch.cuh"
@@ -145,17 +144,9 @@ moekit_status run_types(const moekit_combine_params &p, moekit_stream stream) {
   const bool vector_ok = p.hidden % kN == 0 && aligned(p.y, 16) && aligned(p.out, out_bytes) &&
                          (p.shared == nullptr || aligned(p.shared, out_bytes)) &&
                          (p.residual == nullptr || aligned(p.residual, out_bytes));
-  if (vector_ok) {
-    // Experiment knob (MOEKIT_COMBINE_VARIANT), measured in BENCHMARKS.md; removed once settled.
-    if constexpr (sizeof(Ty) == 2 && sizeof(To) == 2) {
-      const char *env = getenv("MOEKIT_COMBINE_VARIANT");
-      const int variant = env ? atoi(env) : 0;
-      if (variant == 1) return run<Ty, To, kN, 2, 8>(p, stream);
-      if (variant == 2) return run<Ty, To, kN, 1, 8>(p, stream);
-      if (variant == 3) return run<Ty, To, kN, 2, 4>(p, stream);
-    }
-    return run<Ty, To, kN>(p, stream);
-  }
+  // One vector position and 4 slots in flight per lane: DeepSeek-V3 T=4096 181 us, against 189
+  // (2 positions x 4 slots), 293 (1 x 8) and 320 (2 x 8) (BENCHMARKS.md, run 2).
+  if (vector_ok) return run<Ty, To, kN>(p, stream);
   return run<Ty, To, 1>(p, stream);
 }
 

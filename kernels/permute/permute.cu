@@ -7,7 +7,6 @@
 // different rows, each written with full 16-byte stores.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/load.cuh"
@@ -118,12 +117,9 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
   if (bits % 16 == 0) {
-    // Experiment knob (MOEKIT_PERMUTE_VARIANT), measured in BENCHMARKS.md; removed once settled.
-    const char *env = getenv("MOEKIT_PERMUTE_VARIANT");
-    const int variant = env ? atoi(env) : 0;
-    if (variant == 1) return run<16, 8>(*p, stream);
-    if (variant == 2) return run<16, 2>(*p, stream);
-    return run<16>(*p, stream);
+    // 8 vectors per lane in flight: qwen3 T=4096 40 us against 45 with 4 (2: 45); DeepSeek-V3
+    // shapes within 1% either way (BENCHMARKS.md, run 2).
+    return run<16, 8>(*p, stream);
   }
   if (bits % 8 == 0) return run<8>(*p, stream);
   if (bits % 4 == 0) return run<4>(*p, stream);

@@ -38,6 +38,7 @@ __device__ __forceinline__ int round_up(int x, int a) { return (x + a - 1) / a *
 __global__ void __launch_bounds__(kRankWarps * 32)
     rank_kernel(const moekit_plan_params p, const int64_t n_assign, const int num_local, const int n_chunks) {
   extern __shared__ int rank_counts[];  // [kRankWarps][num_local]
+  allow_next_grid();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int chunk = blockIdx.x * kRankWarps + warp;
@@ -83,6 +84,8 @@ __global__ void __launch_bounds__(kRankWarps * 32)
 
 __global__ void __launch_bounds__(kScanWarps * 32)
     scan_kernel(const moekit_plan_params p, const int num_local, const int n_chunks) {
+  allow_next_grid();
+  wait_for_previous_grid();  // the rank kernel's chunk counts
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * kScanWarps + (threadIdx.x >> 5);
   if (e >= num_local) return;
@@ -159,6 +162,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
   int *count = place_smem;                // [num_local]
   int *offsets = place_smem + num_local;  // [num_local + 1]
   __shared__ BlockScan::TempStorage tmp;
+  wait_for_previous_grid();  // the scan kernel's expert counts and chunk starts
   padded_offsets(p, num_local, count, offsets, tmp);
   if (blockIdx.x == 0) write_offsets_and_tiles(p, num_local, count, offsets, tmp);
 
@@ -216,8 +220,10 @@ extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit
                                                                                             num_local, n_chunks);
     MOEKIT_TRY_LAUNCH();
   }
-  scan_kernel<<<(unsigned)ceil_div(num_local, kScanWarps), kScanWarps * 32, 0, stream>>>(*p, num_local, n_chunks);
-  MOEKIT_TRY_LAUNCH();
+  // The scan and place kernels are programmatic dependents: their launch latency overlaps the
+  // kernel before them (each waits for its predecessor's writes with griddepcontrol.wait).
+  MOEKIT_TRY(launch_dependent(scan_kernel, dim3((unsigned)ceil_div(num_local, kScanWarps)), dim3(kScanWarps * 32), 0,
+                              stream, *p, num_local, n_chunks));
 
   // Enough blocks to place every assignment with one thread each, at least enough to clear the
   // unused rows quickly, and never more than a few waves.
@@ -225,6 +231,7 @@ extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit
   const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kPlaceThreads), sm_count() * 4));
   const size_t smem = sizeof(int) * (2 * (size_t)num_local + 1);
   MOEKIT_TRY(allow_dynamic_smem(place_kernel, smem));
-  place_kernel<<<blocks, kPlaceThreads, smem, stream>>>(*p, n_assign, num_local, n_chunks);
-  return last_launch_status();
+  MOEKIT_TRY(launch_dependent(place_kernel, dim3(blocks), dim3(kPlaceThreads), smem, stream, *p, n_assign, num_local,
+                              n_chunks));
+  return MOEKIT_OK;
 }

@@ -54,4 +54,31 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Launches `kernel` as a programmatic dependent of the previous kernel on the stream: its blocks
+// may be scheduled while that kernel finishes (hiding the launch latency, ~2 us each), and must
+// call wait_for_previous_grid() before reading what the previous kernel wrote. Captured into CUDA
+// graphs as programmatic edges.
+template <typename... Params, typename... Args>
+inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+// Device side of launch_dependent: blocks until the previous grid has completed and its writes are
+// visible. A no-op for kernels launched the ordinary way.
+__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+// Lets the next kernel (launched with launch_dependent) start scheduling its blocks now.
+__device__ __forceinline__ void allow_next_grid() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+
 }  // namespace moekit
