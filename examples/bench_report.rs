@@ -59,7 +59,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.l2_bytes() >> 20
     );
     println!("{}  {:>9} {:>8}", header(), "torch_us", "x_torch");
-    let mut out = BTreeMap::new();
+    let mut out = serde_json::Map::new();
     for spec in cases(&opts) {
         // The copy ceiling always runs first: it sets the roofline of every later case.
         let is_ceiling = spec.name.starts_with("ceiling/");
@@ -98,7 +98,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out))?)?;
     }
     Ok(())
 }
