@@ -395,8 +395,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   // 5. Top k: filtered rounds, or rounds over every slot when too many keys tie. Lane j keeps the
   // j-th chosen expert.
   __shared__ uint32_t cand_smem[kWarpsPerBlock][2][kMaxCandidates];
+  // E > 2048 (S = 128) skips the filter: with it the 128-slot kernel spilled (4 bytes), and no
+  // production model comes near that many experts.
   int my_id = 0;
-  if (!select_topk_filtered<S, V>(key, p.top_k, lane, cand_smem[warp][0], cand_smem[warp][1], my_id)) {
+  if (S == 128 || !select_topk_filtered<S, V>(key, p.top_k, lane, cand_smem[warp][0], cand_smem[warp][1], my_id)) {
     my_id = select_topk_all_slots<S, V>(key, p.top_k, lane);
   }
 

@@ -14,5 +14,6 @@
 #include "moekit/probe.h"
 #include "moekit/gating.h"
 #include "moekit/permute.h"
+#include "moekit/grouped_gemm.h"
 
 #endif

@@ -11,6 +11,7 @@ use half::bf16;
 use super::{time_iters, time_launches, CaseResult};
 use crate::error::{DuringExt, Result};
 use crate::gating::{topk_gating, GatingConfig, GatingInputs, ScoreFunction};
+use crate::grouped_gemm::{grouped_gemm, Epilogue, GemmProblem, BLOCK_M};
 use crate::permute::{combine, permute, CombineInputs, PlanConfig, RoutingPlan};
 use crate::testing::{device_normal, rng, routing, Routing};
 use crate::Context;
@@ -109,11 +110,11 @@ impl Default for SuiteOptions {
     }
 }
 
-/// (anchor prefix, E, k, hidden) of the models the anchors measure.
-const MODELS: [(&str, usize, usize, usize); 3] = [
-    ("dsv3", 256, 8, 7168),
-    ("qwen3", 128, 8, 2048),
-    ("mixtral", 8, 2, 4096),
+/// (anchor prefix, E, k, hidden, moe_intermediate) of the models the anchors measure.
+const MODELS: [(&str, usize, usize, usize, usize); 3] = [
+    ("dsv3", 256, 8, 7168, 2048),
+    ("qwen3", 128, 8, 2048, 768),
+    ("mixtral", 8, 2, 4096, 14336),
 ];
 
 fn case(
@@ -320,6 +321,69 @@ fn combine_case(
     ))
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum GemmStage {
+    Up,
+    UpSwiGlu,
+    Down,
+}
+
+/// One grouped GEMM of a model: gate+up (`N = 2I`, `K = H`) or down (`N = H`, `K = I`), FLOPs and
+/// floor bytes counted as torch_anchors.py counts them (activations in and out once, the weights
+/// of the experts that received tokens once).
+#[allow(clippy::too_many_arguments)]
+fn gemm_case(
+    ctx: &Context,
+    name: &str,
+    tokens: usize,
+    (e, k, h, i): (usize, usize, usize, usize),
+    stage: GemmStage,
+    kind: Routing,
+) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let ids = routing(&mut rng(3), tokens, k, e, kind);
+    let mut touched = vec![false; e];
+    ids.iter().for_each(|&id| touched[id as usize] = true);
+    let touched = touched.iter().filter(|t| **t).count();
+    let cfg = PlanConfig::new(tokens, k, e).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(&stream, cfg.clone())?;
+    plan.build(&stream, &stream.clone_htod(&ids)?, tokens)?;
+    let (n, kdim) = match stage {
+        GemmStage::Up | GemmStage::UpSwiGlu => (2 * i, h),
+        GemmStage::Down => (h, i),
+    };
+    let rows = cfg.max_rows();
+    let mut r = rng(4);
+    let x = device_normal::<bf16>(&stream, &mut r, rows * kdim, 1.0)?;
+    let w = device_normal::<bf16>(&stream, &mut r, e * n * kdim, 0.02)?;
+    let n_out = if stage == GemmStage::UpSwiGlu {
+        n / 2
+    } else {
+        n
+    };
+    // SAFETY: written by the GEMMs being timed.
+    let mut y = unsafe { stream.alloc::<bf16>(rows * n_out) }?;
+    let m = (tokens * k) as f64;
+    let flops = 2.0 * m * kdim as f64 * n as f64;
+    let bytes = 2.0 * (m * kdim as f64 + m * n_out as f64 + (touched * n * kdim) as f64);
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        Some(flops),
+        Some(bytes),
+        Box::new(move |_| {
+            let epilogue = if stage == GemmStage::UpSwiGlu {
+                Epilogue::SwiGlu
+            } else {
+                Epilogue::Store
+            };
+            let p = GemmProblem::new(n, kdim).epilogue(epilogue);
+            grouped_gemm(&s, &plan, &p, &x, &w, &mut y)
+        }),
+    ))
+}
+
 /// Every case of the crate, in report order.
 pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     let mut v = vec![
@@ -339,7 +403,7 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             gating_case(ctx, &name, GatingConfig::deepseek_v3(), t, true)
         }));
     }
-    for (model, e, k, h) in MODELS {
+    for (model, e, k, h, i) in MODELS {
         for &t in &opts.tokens {
             let name = format!("{model}/T{t}/gate-softmax-topk");
             v.push(CaseSpec::new(name.clone(), move |ctx| {
@@ -357,7 +421,31 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             v.push(CaseSpec::new(name.clone(), move |ctx| {
                 combine_case(ctx, &name, t, e, k, h)
             }));
+            let shape = (e, k, h, i);
+            for (stage, suffix) in [
+                (GemmStage::Up, "gemm-up"),
+                (GemmStage::Down, "gemm-down"),
+                (GemmStage::UpSwiGlu, "gemm-up-swiglu"),
+            ] {
+                let name = format!("{model}/T{t}/{suffix}");
+                v.push(CaseSpec::new(name.clone(), move |ctx| {
+                    gemm_case(ctx, &name, t, shape, stage, Routing::Uniform)
+                }));
+            }
         }
+    }
+    for &t in &opts.tokens {
+        let name = format!("dsv3/T{t}/gemm-up-zipf1.2");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            gemm_case(
+                ctx,
+                &name,
+                t,
+                (256, 8, 7168, 2048),
+                GemmStage::Up,
+                Routing::Zipf(1.2),
+            )
+        }));
     }
     let t = opts.sweep_tokens;
     for e in [64, 256, 1024, 2048] {

@@ -3,5 +3,6 @@
 //! their own data.
 
 pub mod gating;
+pub mod grouped_gemm;
 pub mod permute;
 pub mod probe;

@@ -1,0 +1,166 @@
+// C entry point of the grouped GEMM: builds the TMA tensor maps, picks the kernel configuration
+// and launches the persistent WGMMA kernel, or the simple FMA oracle.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "device/launch.cuh"
+#include "grouped_gemm_sm90.cuh"
+#include "moekit.h"
+
+namespace moekit {
+namespace gemm {
+
+// ---- oracle -------------------------------------------------------------------------------------
+
+// One thread per output element: finds the row's expert by binary search over the segment offsets
+// and accumulates the dot product over K in f32. Slow and obviously right: the WGMMA kernel's test
+// oracle.
+template <int kEpilogue, typename OutT>
+__global__ void grouped_gemm_oracle_kernel(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ w,
+                                           const Args a, int num_local, int64_t x_rows) {
+  const int64_t r = (int64_t)blockIdx.y * blockDim.y + threadIdx.y;
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= x_rows || col >= a.n_out) return;
+  if (r >= __ldg(a.offsets + num_local)) return;
+  int lo = 0, hi = num_local - 1;  // the last e with offsets[e] <= r
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (__ldg(a.offsets + mid) <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int e = lo;
+  if (r >= __ldg(a.offsets + e) + __ldg(a.counts + e)) return;  // a padding row: not written
+  auto dot = [&](int wrow) {
+    const __nv_bfloat16 *xr = x + r * a.k;
+    const __nv_bfloat16 *wr = w + ((int64_t)e * a.n + wrow) * a.k;
+    float s = 0.0f;
+    for (int i = 0; i < a.k; ++i) s = fmaf(__bfloat162float(xr[i]), __bfloat162float(wr[i]), s);
+    return s;
+  };
+  float v;
+  if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+    v = silu(dot(col)) * dot(a.n / 2 + col);
+  } else {
+    v = dot(col);
+    if constexpr (kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE) v *= __ldg(a.row_weights + __ldg(a.row_map + r));
+  }
+  OutT *y = static_cast<OutT *>(a.y);
+  if constexpr (sizeof(OutT) == 2) {
+    y[r * a.n_out + col] = __float2bfloat16_rn(v);
+  } else {
+    y[r * a.n_out + col] = v;
+  }
+}
+
+template <int kEpilogue, typename OutT>
+moekit_status run_oracle(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
+  const dim3 block(32, 8);
+  const dim3 grid((unsigned)ceil_div(a.n_out, 32), (unsigned)ceil_div(p.x_rows, 8));
+  if (p.x_rows == 0) return MOEKIT_OK;
+  grouped_gemm_oracle_kernel<kEpilogue, OutT><<<grid, block, 0, stream>>>(
+      static_cast<const __nv_bfloat16 *>(p.x), static_cast<const __nv_bfloat16 *>(p.w), a, p.num_local, p.x_rows);
+  return last_launch_status();
+}
+
+// ---- WGMMA --------------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link-time libcuda.
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void *ptr = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return (PFN_cuTensorMapEncodeTiled_v12000) nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// A row-major [rows, k] bf16 matrix read in boxes of box_rows x 64 with the 128-byte swizzle.
+// Out-of-bounds rows and columns read as zeros.
+static bool make_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k, int box_rows) {
+  auto encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)k * 2};
+  const cuuint32_t box[2] = {(cuuint32_t)kBlockK, (cuuint32_t)box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int kStages, int kEpilogue, typename OutT>
+moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
+  if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
+  CUtensorMap map_x, map_w;
+  const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  if (!make_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, kBlockM) ||
+      !make_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT>;
+  constexpr size_t smem = smem_bytes<BN, kStages>();
+  MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
+  const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  const int64_t max_work = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
+  kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
+  return last_launch_status();
+}
+
+// Configuration heuristic: 128 x 256 tiles (two consumer warpgroups of m64n256), 4 stages of
+// 48 KB = 192 KB of shared memory. One configuration for now; the measurements that choose others
+// (narrow N, small M) go here.
+template <int kEpilogue, typename OutT>
+moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
+  if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
+  return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+}
+
+template <typename OutT>
+moekit_status dispatch_epilogue(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
+  switch (p.epilogue) {
+    case MOEKIT_EPILOGUE_STORE: return dispatch<MOEKIT_EPILOGUE_STORE, OutT>(p, a, stream);
+    case MOEKIT_EPILOGUE_SWIGLU: return dispatch<MOEKIT_EPILOGUE_SWIGLU, OutT>(p, a, stream);
+    case MOEKIT_EPILOGUE_ROW_SCALE: return dispatch<MOEKIT_EPILOGUE_ROW_SCALE, OutT>(p, a, stream);
+    default: return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+}
+
+}  // namespace gemm
+}  // namespace moekit
+
+extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream) {
+  using namespace moekit::gemm;
+  if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
+      p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
+      (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
+      (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr))) {
+    return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  Args a;
+  a.tiles = p->tiles;
+  a.num_tiles = p->num_tiles;
+  a.offsets = p->expert_offsets;
+  a.counts = p->expert_counts;
+  a.row_map = p->row_map;
+  a.row_weights = p->row_weights;
+  a.y = p->y;
+  a.n = p->n;
+  a.k = p->k;
+  a.n_out = p->epilogue == MOEKIT_EPILOGUE_SWIGLU ? p->n / 2 : p->n;
+  if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
+  if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
+  return MOEKIT_ERR_INVALID_ARGUMENT;
+}

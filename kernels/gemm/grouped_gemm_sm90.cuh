@@ -1,0 +1,232 @@
+// Grouped expert GEMM, sm_90a: persistent, warp-specialized, TMA + WGMMA.
+//
+//   Y[rows of e, :] = X[rows of e, :] . W[e]^T    for every local expert e, in one launch.
+//
+// Cost model (DeepSeek-V3 gate+up, T = 16384: 131072 rows, N = 4096, K = 7168): 7.7 TFLOP, and the
+// weights (15 GB) are read once when each expert's M tiles run together: at ~700 TFLOP/s 11 ms of
+// math against 3.5 ms of weight traffic, so large T is compute-bound; at T = 4096 (128 rows per
+// expert) the two meet (~3 ms each) and the kernel must stream weights while computing.
+//
+// Structure (one CTA per SM, looping over tiles):
+//   warpgroup 0      one thread issues TMA loads of an X tile [128 x 64] and a W tile [BN x 64]
+//                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
+//   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
+//                    then writes its rows straight from the accumulators (with the epilogue).
+//   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
+//   empty[s] (8 arrivals: every consumer warp) : the stage may be overwritten.
+// Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t of
+// the persistent loop maps to (M tile, column block) so that all M tiles of an expert sweep each
+// column block together (one W tile feeds them from L2) and all column blocks of an M tile run in
+// the same window (its X tile stays in L2). Rows past an expert's segment are computed on whatever
+// the tile holds (the next expert's rows, or TMA's zero fill) and never stored.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "device/sm90.cuh"
+#include "device/wgmma_ops.cuh"
+#include "moekit/grouped_gemm.h"
+
+namespace moekit {
+namespace gemm {
+
+constexpr int kBlockM = MOEKIT_GEMM_BLOCK_M;  // two consumer warpgroups x 64 rows
+constexpr int kBlockK = 64;                   // 64 bf16 = 128 bytes: one swizzle row
+constexpr int kConsumers = 2;
+constexpr int kThreads = 128 * (1 + kConsumers);
+
+// What the device needs besides the two tensor maps.
+struct Args {
+  const int32_t *tiles;
+  const int32_t *num_tiles;
+  const int32_t *offsets;
+  const int32_t *counts;
+  const int32_t *row_map;
+  const float *row_weights;
+  void *y;
+  int32_t n;      // weight rows per expert
+  int32_t k;
+  int32_t n_out;  // output columns (n, or n/2 for SwiGLU); also the row stride of y
+};
+
+struct Tile {
+  int expert;
+  int row0;     // first row of the 128-row tile
+  int row_end;  // end of the expert's real rows
+  int col_block;
+};
+
+// Persistent tile t -> (M tile, column block). The M tiles of expert e are consecutive entries of
+// the plan's list, [base, base + m_tiles); its tiles are t in [base * nb, (base + m_tiles) * nb),
+// ordered column-block-major so consecutive CTAs share a W tile.
+__device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks) {
+  const int q = t / col_blocks;
+  const int e = __ldg(a.tiles + 2 * q);
+  const int first = __ldg(a.tiles + 2 * q + 1);
+  const int seg = __ldg(a.offsets + e);
+  const int count = __ldg(a.counts + e);
+  const int base = q - (first - seg) / kBlockM;
+  const int m_tiles = (count + kBlockM - 1) / kBlockM;
+  const int local = t - base * col_blocks;
+  return Tile{e, seg + (local % m_tiles) * kBlockM, seg + count, local / m_tiles};
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_tile(float (&acc)[BN / 2], uint64_t da, uint64_t db, uint32_t scale_d) {
+  if constexpr (BN == 256) {
+    sm90::wgmma_m64n256k16_bf16(acc, da, db, scale_d);
+  } else if constexpr (BN == 128) {
+    sm90::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
+  } else {
+    static_assert(BN == 64, "BN must be 64, 128 or 256");
+    sm90::wgmma_m64n64k16_bf16(acc, da, db, scale_d);
+  }
+}
+
+__device__ __forceinline__ void store_pair(__nv_bfloat16 *p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(float *p, float a, float b) { *reinterpret_cast<float2 *>(p) = make_float2(a, b); }
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+// Writes one consumer warpgroup's 64 x BN accumulators. Thread (warp w, lane l) holds, for each
+// 8-column block i, rows 16w + l/4 (+8) and columns 8i + 2(l%4) (+1): acc[4i + 2h + {0,1}].
+template <int BN, int kEpilogue, typename OutT>
+__device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const float (&acc)[BN / 2], int consumer,
+                                         int warp, int lane) {
+  OutT *y = static_cast<OutT *>(a.y);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = tile.row0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+    if (r >= tile.row_end) continue;
+    OutT *yr = y + (int64_t)r * a.n_out;
+    if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+      // gate columns are the first BN/2 of the tile, up columns the last BN/2
+      constexpr int kHalfBlocks = BN / 16;
+#pragma unroll
+      for (int i = 0; i < kHalfBlocks; ++i) {
+        const int col = tile.col_block * (BN / 2) + 8 * i + 2 * (lane % 4);
+        if (col >= a.n_out) break;
+        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+        const float u0 = acc[4 * (i + kHalfBlocks) + 2 * h], u1 = acc[4 * (i + kHalfBlocks) + 2 * h + 1];
+        store_pair(yr + col, silu(g0) * u0, silu(g1) * u1);
+      }
+    } else {
+      float scale = 1.0f;
+      if constexpr (kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE) scale = __ldg(a.row_weights + __ldg(a.row_map + r));
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int col = tile.col_block * BN + 8 * i + 2 * (lane % 4);
+        if (col >= a.n_out) break;
+        store_pair(yr + col, scale * acc[4 * i + 2 * h], scale * acc[4 * i + 2 * h + 1]);
+      }
+    }
+  }
+}
+
+template <int BN, int kStages>
+constexpr size_t smem_bytes() {
+  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + 2 * kStages * sizeof(uint64_t) + 1024;
+}
+
+template <int BN, int kStages, int kEpilogue, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
+                              const Args a) {
+  constexpr int kTileA = kBlockM * kBlockK;  // elements
+  constexpr int kTileB = BN * kBlockK;
+  constexpr uint32_t kStageBytes = (kTileA + kTileB) * 2;
+  // Output columns per tile: SwiGLU tiles pair BN/2 gate rows with the matching BN/2 up rows.
+  constexpr int kColsPerTile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+
+  extern __shared__ uint8_t smem_raw[];
+  // Swizzled tiles must start on 1024-byte boundaries.
+  uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
+  __nv_bfloat16 *sb = sa + kStages * kTileA;
+  uint64_t *full = reinterpret_cast<uint64_t *>(sb + kStages * kTileB);
+  uint64_t *empty = full + kStages;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int col_blocks = (a.n_out + kColsPerTile - 1) / kColsPerTile;
+  const int k_blocks = (a.k + kBlockK - 1) / kBlockK;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbar_init(&full[s], 1);
+      sm90::mbar_init(&empty[s], kConsumers * 4);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  const int total = __ldg(a.num_tiles) * col_blocks;
+
+  if (warpgroup == 0) {
+    // Producer: one thread issues every TMA; the others only give their registers away.
+    sm90::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      sm90::tma_prefetch_descriptor(&map_x);
+      sm90::tma_prefetch_descriptor(&map_w);
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const Tile tile = decode_tile(a, t, col_blocks);
+        const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
+          sm90::mbar_arrive_expect_tx(&full[stage], kStageBytes);
+          sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
+          if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+            sm90::tma_load_2d(sb + stage * kTileB + (BN / 2) * kBlockK, &map_w, kb * kBlockK, w_row + a.n / 2,
+                              &full[stage]);
+          } else {
+            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    sm90::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[BN / 2];
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const Tile tile = decode_tile(a, t, col_blocks);
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        sm90::mbar_wait(&full[stage], phase);
+        const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
+        const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          wgmma_tile<BN>(acc, sm90::desc_k_major_sw128(a_base + kk * 32), sm90::desc_k_major_sw128(b_base + kk * 32),
+                         (kb > 0 || kk > 0) ? 1u : 0u);
+        }
+        sm90::wgmma_commit();
+        sm90::fence_operands(acc);
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(acc);
+        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      epilogue<BN, kEpilogue, OutT>(a, tile, acc, consumer, warp, lane);
+    }
+  }
+}
+
+}  // namespace gemm
+}  // namespace moekit

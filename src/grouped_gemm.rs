@@ -1,0 +1,262 @@
+//! Grouped expert GEMM (bf16): for every local expert `e`, `Y[rows of e] = X[rows of e] · W[e]ᵀ` in
+//! one launch, with the rows of each expert given by a [`RoutingPlan`] on the device (no host
+//! synchronization: row counts never leave the GPU; empty experts cost nothing).
+//!
+//! - `X` `[max_rows, K]` bf16 row-major: the permuted activations ([`crate::permute::permute`]).
+//! - `W` `[num_local, N, K]` bf16, K contiguous: each expert's `nn.Linear` weight `[out, in]`, as
+//!   checkpoints store it.
+//! - `Y` `[max_rows, N_out]` bf16 or f32 row-major; only the rows of each expert's segment are
+//!   written (padding rows and rows past the total keep their contents).
+//!
+//! Epilogues: plain store; fused SwiGLU for the gate+up projection (`W13 [E, 2I, H]`, gate rows
+//! first: writes `silu(gate) · up`, `N_out = I`); a per-row scale by the row's routing weight (the
+//! down projection, so combine becomes a plain sum).
+//!
+//! The kernel is a persistent, warp-specialized sm_90a kernel (TMA producer, two WGMMA consumer
+//! warpgroups, 128 × 256 tiles); [`Implementation::Oracle`] runs a plain FMA kernel that tests use
+//! as a second opinion.
+
+use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::context::{check_status, prepare_launch, ptr_or_null, raw_stream};
+use crate::dtype::{Dtype, Element};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::permute::RoutingPlan;
+
+/// Rows per M tile of the WGMMA kernel: build the [`RoutingPlan`] with this `block_m`.
+pub const BLOCK_M: usize = ffi::MOEKIT_GEMM_BLOCK_M as usize;
+
+/// What happens to the product before it is stored.
+#[derive(Debug)]
+pub enum Epilogue<'a> {
+    /// `Y = X · Wᵀ`, `N_out = N`.
+    Store,
+    /// `W` holds gate rows `[0, N/2)` then up rows `[N/2, N)` per expert;
+    /// `Y[:, j] = silu(gate_j) · up_j`, `N_out = N/2`.
+    SwiGlu,
+    /// `Y[r, :] = weights[row_map[r]] · (X · Wᵀ)[r, :]` with the routing weights `[T, k]` (f32).
+    RowScale {
+        /// Routing weights `[tokens, top_k]` f32, as gating writes them.
+        weights: CudaView<'a, f32>,
+    },
+}
+
+/// Which kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Implementation {
+    /// The persistent TMA + WGMMA kernel.
+    #[default]
+    Wgmma,
+    /// One thread per output element, f32 FMA: slow, for tests.
+    Oracle,
+}
+
+/// The problem: weight shape and epilogue.
+#[derive(Debug)]
+pub struct GemmProblem<'a> {
+    /// Rows of each expert's weight (output features; `2I` for SwiGLU), a multiple of 8
+    /// (16 for SwiGLU).
+    pub n: usize,
+    /// Reduction dimension (input features), a multiple of 8.
+    pub k: usize,
+    /// Epilogue.
+    pub epilogue: Epilogue<'a>,
+    /// Kernel.
+    pub implementation: Implementation,
+}
+
+impl<'a> GemmProblem<'a> {
+    /// A plain `Y = X · Wᵀ` with the WGMMA kernel.
+    pub fn new(n: usize, k: usize) -> Self {
+        Self {
+            n,
+            k,
+            epilogue: Epilogue::Store,
+            implementation: Implementation::Wgmma,
+        }
+    }
+
+    /// Sets the epilogue.
+    pub fn epilogue(mut self, epilogue: Epilogue<'a>) -> Self {
+        self.epilogue = epilogue;
+        self
+    }
+
+    /// Sets the implementation.
+    pub fn implementation(mut self, implementation: Implementation) -> Self {
+        self.implementation = implementation;
+        self
+    }
+
+    /// Output columns: `n`, or `n / 2` with SwiGLU.
+    pub fn n_out(&self) -> usize {
+        match self.epilogue {
+            Epilogue::SwiGlu => self.n / 2,
+            _ => self.n,
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
+/// Output element types of the grouped GEMM: bf16 or f32.
+pub trait GemmOutput: Element + sealed::Sealed {}
+impl GemmOutput for bf16 {}
+impl GemmOutput for f32 {}
+
+/// Runs the grouped GEMM on `stream` over the experts of `plan` (which must have been built, with
+/// `block_m` = [`BLOCK_M`] for the WGMMA kernel).
+pub fn grouped_gemm<O: GemmOutput>(
+    stream: &CudaStream,
+    plan: &RoutingPlan,
+    problem: &GemmProblem<'_>,
+    x: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    y: &mut impl DevicePtrMut<O>,
+) -> Result<()> {
+    let cfg = plan.config();
+    let tokens = plan.tokens().ok_or_else(|| {
+        Error::invalid(
+            "plan",
+            "the routing plan has not been built (call RoutingPlan::build first)",
+        )
+    })?;
+    let (n, k) = (problem.n, problem.k);
+    if n < 8 || n % 8 != 0 || n > i32::MAX as usize {
+        return Err(Error::invalid(
+            "n",
+            format!("{n}; must be a positive multiple of 8"),
+        ));
+    }
+    if k < 8 || k % 8 != 0 || k > i32::MAX as usize {
+        return Err(Error::invalid(
+            "k",
+            format!("{k}; must be a positive multiple of 8"),
+        ));
+    }
+    if matches!(problem.epilogue, Epilogue::SwiGlu) && n % 16 != 0 {
+        return Err(Error::invalid(
+            "n",
+            format!("{n}; SwiGLU needs gate and up halves that are multiples of 8"),
+        ));
+    }
+    if problem.implementation == Implementation::Wgmma && cfg.block_m != BLOCK_M {
+        return Err(Error::invalid(
+            "plan",
+            format!(
+                "the plan's tiles are {} rows; the WGMMA kernel needs block_m = {BLOCK_M}",
+                cfg.block_m
+            ),
+        ));
+    }
+    let rows = cfg.max_rows();
+    let n_local = cfg.num_local();
+    if x.len() < rows * k {
+        return Err(Error::shape(
+            "x",
+            format!("at least {} elements ([max_rows = {rows}, {k}])", rows * k),
+            x.len(),
+        ));
+    }
+    if w.len() != n_local * n * k {
+        return Err(Error::shape(
+            "w",
+            format!("{} elements ([{n_local}, {n}, {k}])", n_local * n * k),
+            w.len(),
+        ));
+    }
+    let n_out = problem.n_out();
+    if y.len() < rows * n_out {
+        return Err(Error::shape(
+            "y",
+            format!(
+                "at least {} elements ([max_rows = {rows}, {n_out}])",
+                rows * n_out
+            ),
+            y.len(),
+        ));
+    }
+    if let Epilogue::RowScale { weights } = &problem.epilogue {
+        if weights.len() != tokens * cfg.top_k {
+            return Err(Error::shape(
+                "weights",
+                format!(
+                    "{} elements ([{tokens}, {}])",
+                    tokens * cfg.top_k,
+                    cfg.top_k
+                ),
+                weights.len(),
+            ));
+        }
+    }
+    prepare_launch(stream)?;
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (w_ptr, _g1) = w.device_ptr(stream);
+    let (y_ptr, _g2) = y.device_ptr_mut(stream);
+    for (name, ptr) in [("x", x_ptr), ("w", w_ptr)] {
+        if ptr % 16 != 0 {
+            return Err(Error::invalid(
+                name,
+                "must start 16-byte aligned (TMA): slice at a multiple of 8 elements",
+            ));
+        }
+    }
+    if y_ptr % (2 * std::mem::size_of::<O>() as u64) != 0 {
+        return Err(Error::invalid(
+            "y",
+            "must start aligned to two elements (pairs are stored together)",
+        ));
+    }
+    let (tiles, _g3) = plan.tiles().device_ptr(stream);
+    let (num_tiles, _g4) = plan.num_tiles().device_ptr(stream);
+    let (offsets, _g5) = plan.expert_offsets().device_ptr(stream);
+    let (counts, _g6) = plan.expert_counts().device_ptr(stream);
+    let (row_map, _g7) = plan.row_map().device_ptr(stream);
+    let scale = match &problem.epilogue {
+        Epilogue::RowScale { weights } => Some(weights.device_ptr(stream)),
+        _ => None,
+    };
+    let params = ffi::moekit_grouped_gemm_params {
+        x: x_ptr as *const _,
+        w: w_ptr as *const _,
+        y: y_ptr as *mut _,
+        tiles: tiles as *const i32,
+        num_tiles: num_tiles as *const i32,
+        expert_offsets: offsets as *const i32,
+        expert_counts: counts as *const i32,
+        row_map: row_map as *const i32,
+        row_weights: ptr_or_null(&scale) as *const f32,
+        x_rows: rows as i64,
+        n: n as i32,
+        k: k as i32,
+        num_local: n_local as i32,
+        max_tiles: cfg.max_tiles() as i32,
+        block_m: cfg.block_m as i32,
+        epilogue: match problem.epilogue {
+            Epilogue::Store => ffi::MOEKIT_EPILOGUE_STORE,
+            Epilogue::SwiGlu => ffi::MOEKIT_EPILOGUE_SWIGLU,
+            Epilogue::RowScale { .. } => ffi::MOEKIT_EPILOGUE_ROW_SCALE,
+        } as i32,
+        out_dtype: match O::DTYPE {
+            Dtype::F32 => ffi::MOEKIT_DTYPE_F32,
+            _ => ffi::MOEKIT_DTYPE_BF16,
+        } as i32,
+        implementation: match problem.implementation {
+            Implementation::Wgmma => ffi::MOEKIT_GEMM_WGMMA,
+            Implementation::Oracle => ffi::MOEKIT_GEMM_ORACLE,
+        } as i32,
+    };
+    // SAFETY: x covers max_rows x k and w num_local x n x k elements, y max_rows x n_out, as
+    // checked above; x and w are 16-byte aligned for TMA; the plan's buffers have the sizes its
+    // config fixes (tiles: 2 x max_tiles, row_map: max_rows) and its build wrote them on a stream
+    // ordered before this one by the buffer guards; the routing weights hold tokens x top_k values
+    // and row_map only names assignments < tokens x top_k.
+    let status = unsafe { ffi::moekit_grouped_gemm(&params, raw_stream(stream)) };
+    check_status(status, "launching the grouped GEMM")
+}

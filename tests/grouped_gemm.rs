@@ -1,0 +1,414 @@
+//! Grouped GEMM: the WGMMA kernel against the CPU reference and the FMA oracle, over routings
+//! (uniform, Zipf, all-to-one, empty and one-row experts, E = 1, E = 1024), every epilogue, both
+//! output types, ragged shapes; poisoned outputs prove every real row is written and nothing else.
+
+use half::bf16;
+use moekit::grouped_gemm::{grouped_gemm, Epilogue, GemmProblem, Implementation, BLOCK_M};
+use moekit::permute::{PlanConfig, RoutingPlan};
+use moekit::reference::grouped_gemm as reference;
+use moekit::reference::permute::{routing_plan, PlanRef};
+use moekit::testing::{fresh_seed, gpu, normal_vec, rel_l2_error, rng, routing, upload, Routing};
+use moekit::{Context, Error};
+
+struct Case {
+    what: String,
+    plan: RoutingPlan,
+    plan_ref: PlanRef,
+    x: Vec<f32>, // bf16 values
+    w: Vec<f32>,
+    weights: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn rounded(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(
+    ctx: &Context,
+    what: &str,
+    ids: Vec<i32>,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    n: usize,
+    k: usize,
+    align: usize,
+) -> Case {
+    let s = ctx.stream();
+    let cfg = PlanConfig::new(tokens.max(1), top_k, experts)
+        .align(align)
+        .block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    let d_ids = upload(s, &ids).unwrap();
+    plan.build(s, &d_ids.slice(..ids.len()), tokens).unwrap();
+    let plan_ref = routing_plan(&cfg, &ids, tokens);
+    let mut r = rng(fresh_seed());
+    let rows = cfg.max_rows();
+    Case {
+        what: format!("{what} (T={tokens}, k={top_k}, E={experts}, N={n}, K={k}, align={align})"),
+        plan,
+        plan_ref,
+        x: rounded(normal_vec(&mut r, rows * k, 1.0)),
+        w: rounded(normal_vec(&mut r, experts * n * k, 0.05)),
+        weights: normal_vec(&mut r, tokens * top_k, 0.5),
+        n,
+        k,
+    }
+}
+
+fn uniform(
+    ctx: &Context,
+    what: &str,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    n: usize,
+    k: usize,
+) -> Case {
+    let ids = routing(
+        &mut rng(fresh_seed()),
+        tokens,
+        top_k,
+        experts,
+        Routing::Uniform,
+    );
+    case(ctx, what, ids, tokens, top_k, experts, n, k, 1)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Epi {
+    Store,
+    SwiGlu,
+    RowScale,
+}
+
+/// Runs one implementation; returns the output as f32 and whether each element kept its poison.
+fn run<O: moekit::grouped_gemm::GemmOutput>(
+    ctx: &Context,
+    c: &Case,
+    epi: Epi,
+    imp: Implementation,
+) -> (Vec<f32>, Vec<bool>) {
+    let s = ctx.stream();
+    let rows = c.plan.config().max_rows();
+    let n_out = if epi == Epi::SwiGlu { c.n / 2 } else { c.n };
+    let poison = O::from_f32(-1234.5);
+    let d_x = s.clone_htod(&to_bf16(&c.x)).unwrap();
+    let d_w = s.clone_htod(&to_bf16(&c.w)).unwrap();
+    let d_weights = upload(s, &c.weights).unwrap();
+    let mut d_y = s.clone_htod(&vec![poison; rows * n_out]).unwrap();
+    let epilogue = match epi {
+        Epi::Store => Epilogue::Store,
+        Epi::SwiGlu => Epilogue::SwiGlu,
+        Epi::RowScale => Epilogue::RowScale {
+            weights: d_weights.slice(..c.weights.len()),
+        },
+    };
+    let problem = GemmProblem::new(c.n, c.k)
+        .epilogue(epilogue)
+        .implementation(imp);
+    grouped_gemm(s, &c.plan, &problem, &d_x, &d_w, &mut d_y).unwrap();
+    let y = s.clone_dtoh(&d_y).unwrap();
+    let untouched = y.iter().map(|v| v.to_f32() == -1234.5).collect();
+    (y.iter().map(|v| v.to_f32()).collect(), untouched)
+}
+
+/// Checks the WGMMA kernel against the reference (and the oracle): real rows within tolerance,
+/// every other row untouched. Returns the relative error.
+fn check<O: moekit::grouped_gemm::GemmOutput>(ctx: &Context, c: &Case, epi: Epi, tol: f64) -> f64 {
+    let epilogue = match epi {
+        Epi::Store => reference::Epilogue::Store,
+        Epi::SwiGlu => reference::Epilogue::SwiGlu,
+        Epi::RowScale => reference::Epilogue::RowScale(&c.weights),
+    };
+    let want = reference::grouped_gemm(&c.plan_ref, &c.x, &c.w, c.n, c.k, epilogue);
+    let (got, untouched) = run::<O>(ctx, c, epi, Implementation::Wgmma);
+    let n_out = if epi == Epi::SwiGlu { c.n / 2 } else { c.n };
+    let (mut g, mut r) = (Vec::new(), Vec::new());
+    for (row, w) in want.iter().enumerate() {
+        let span = row * n_out..(row + 1) * n_out;
+        match w {
+            Some(vals) => {
+                g.extend_from_slice(&got[span]);
+                r.extend(vals.iter().map(|&v| v as f64));
+            }
+            None => assert!(
+                untouched[span].iter().all(|&u| u),
+                "{}: row {row} is not an expert row but was written",
+                c.what
+            ),
+        }
+    }
+    let err = rel_l2_error(&g, &r);
+    assert!(
+        err <= tol,
+        "{} {:?}: relative error {err:.3e} > {tol:.1e}",
+        c.what,
+        O::DTYPE
+    );
+    // The oracle agrees too, and a rerun is bitwise identical.
+    let (oracle, _) = run::<O>(ctx, c, epi, Implementation::Oracle);
+    let (again, _) = run::<O>(ctx, c, epi, Implementation::Wgmma);
+    assert!(
+        got.iter()
+            .zip(&again)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{}: rerun differs",
+        c.what
+    );
+    let ro: Vec<f64> = oracle.iter().map(|&v| v as f64).collect();
+    let mask: Vec<bool> = untouched.iter().map(|u| !u).collect();
+    let pick = |v: &[f32]| {
+        v.iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect::<Vec<f32>>()
+    };
+    let pick64 = |v: &[f64]| {
+        v.iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect::<Vec<f64>>()
+    };
+    let e2 = rel_l2_error(&pick(&got), &pick64(&ro));
+    assert!(e2 <= tol, "{}: WGMMA vs oracle {e2:.3e}", c.what);
+    err
+}
+
+#[test]
+fn uniform_routing_every_epilogue() {
+    let Some(ctx) = gpu("uniform_routing_every_epilogue") else {
+        return;
+    };
+    let c = uniform(&ctx, "uniform", 512, 8, 16, 512, 512);
+    check::<bf16>(&ctx, &c, Epi::Store, 5e-3);
+    check::<f32>(&ctx, &c, Epi::Store, 1e-4);
+    check::<bf16>(&ctx, &c, Epi::SwiGlu, 5e-3);
+    check::<f32>(&ctx, &c, Epi::SwiGlu, 1e-4);
+    check::<bf16>(&ctx, &c, Epi::RowScale, 5e-3);
+    check::<f32>(&ctx, &c, Epi::RowScale, 1e-4);
+}
+
+#[test]
+fn ragged_shapes() {
+    let Some(ctx) = gpu("ragged_shapes") else {
+        return;
+    };
+    // N and K not multiples of the tile, N below the 256-column tile, K below the 64-deep stage.
+    for (n, k) in [(200, 72), (8, 8), (264, 1000), (1024, 136), (48, 2056)] {
+        let c = uniform(&ctx, "ragged", 300, 4, 8, n, k);
+        check::<bf16>(&ctx, &c, Epi::Store, 5e-3);
+    }
+    let c = uniform(&ctx, "ragged swiglu", 300, 4, 8, 272, 88);
+    check::<f32>(&ctx, &c, Epi::SwiGlu, 1e-4);
+}
+
+#[test]
+fn skewed_and_degenerate_routings() {
+    let Some(ctx) = gpu("skewed_and_degenerate_routings") else {
+        return;
+    };
+    let mut r = rng(fresh_seed());
+    let zipf = routing(&mut r, 2000, 8, 64, Routing::Zipf(1.2));
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "zipf-1.2", zipf, 2000, 8, 64, 256, 256, 1),
+        Epi::Store,
+        5e-3,
+    );
+    let all = routing(&mut r, 1000, 2, 32, Routing::AllToFirst);
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "all-to-one", all, 1000, 2, 32, 256, 128, 1),
+        Epi::Store,
+        5e-3,
+    );
+    let sparse = routing(&mut r, 3, 8, 256, Routing::Uniform);
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "mostly empty experts", sparse, 3, 8, 256, 128, 64, 1),
+        Epi::SwiGlu,
+        5e-3,
+    );
+    let one_row: Vec<i32> = (0..64).collect();
+    check::<f32>(
+        &ctx,
+        &case(&ctx, "one-row experts", one_row, 64, 1, 64, 128, 128, 1),
+        Epi::Store,
+        1e-4,
+    );
+    let e1 = routing(&mut r, 700, 1, 1, Routing::Uniform);
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "E=1", e1, 700, 1, 1, 512, 256, 1),
+        Epi::Store,
+        5e-3,
+    );
+    let e1024 = routing(&mut r, 300, 4, 1024, Routing::Uniform);
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "E=1024", e1024, 300, 4, 1024, 64, 64, 1),
+        Epi::Store,
+        5e-3,
+    );
+    let padded = routing(&mut r, 500, 6, 20, Routing::Uniform);
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "padded segments", padded, 500, 6, 20, 256, 192, 16),
+        Epi::RowScale,
+        5e-3,
+    );
+    let none: Vec<i32> = Vec::new();
+    check::<bf16>(
+        &ctx,
+        &case(&ctx, "T=0", none, 0, 4, 16, 128, 64, 1),
+        Epi::Store,
+        5e-3,
+    );
+}
+
+/// A DeepSeek-V3-shaped expert GEMM (K = 7168, N = 4096) on fewer tokens: the WGMMA kernel against
+/// the oracle everywhere, and against the CPU on a sample of rows.
+#[test]
+fn deepseek_v3_shapes_against_the_oracle() {
+    let Some(ctx) = gpu("deepseek_v3_shapes_against_the_oracle") else {
+        return;
+    };
+    let s = ctx.stream();
+    let (t, top_k, e, n, k) = (512, 8, 64, 4096, 7168);
+    let ids = routing(&mut rng(fresh_seed()), t, top_k, e, Routing::Uniform);
+    let cfg = PlanConfig::new(t, top_k, e).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
+    let plan_ref = routing_plan(&cfg, &ids, t);
+    let rows = cfg.max_rows();
+    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(5), rows * k, 1.0).unwrap();
+    let w = moekit::testing::device_normal::<bf16>(s, &mut rng(6), e * n * k, 0.02).unwrap();
+    let mut got = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
+    let mut want = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
+    let p = GemmProblem::new(n, k).epilogue(Epilogue::SwiGlu);
+    grouped_gemm(s, &plan, &p, &x, &w, &mut got).unwrap();
+    let p = p.implementation(Implementation::Oracle);
+    grouped_gemm(s, &plan, &p, &x, &w, &mut want).unwrap();
+    let got: Vec<f32> = s
+        .clone_dtoh(&got)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let want: Vec<f64> = s
+        .clone_dtoh(&want)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    let err = rel_l2_error(&got, &want);
+    assert!(
+        err < 1e-2,
+        "SwiGLU K=7168 N=4096: WGMMA vs oracle {err:.3e}"
+    );
+    // CPU spot check of three rows.
+    let xh: Vec<f32> = s
+        .clone_dtoh(&x)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let wh: Vec<f32> = s
+        .clone_dtoh(&w)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    for &row in &[0usize, rows / 2, rows - 1] {
+        let e_row = plan_ref
+            .expert_offsets
+            .iter()
+            .rposition(|&o| o as usize <= row)
+            .unwrap();
+        let xr = &xh[row * k..(row + 1) * k];
+        for j in [0usize, 777, n / 2 - 1] {
+            let dot = |c: usize| {
+                xr.iter()
+                    .zip(&wh[(e_row * n + c) * k..(e_row * n + c + 1) * k])
+                    .fold(0f32, |s, (a, b)| a.mul_add(*b, s))
+            };
+            let g = dot(j);
+            let v = g / (1.0 + (-g).exp()) * dot(n / 2 + j);
+            let o = got[row * (n / 2) + j];
+            assert!(
+                (o - v).abs() <= 0.02 * v.abs() + 0.02,
+                "row {row} col {j}: {o} vs {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused() {
+    let Some(ctx) = gpu("bad_inputs_are_refused") else {
+        return;
+    };
+    let s = ctx.stream();
+    let c = uniform(&ctx, "bad", 10, 2, 4, 64, 64);
+    let rows = c.plan.config().max_rows();
+    let x = s.alloc_zeros::<bf16>(rows * 64 + 8).unwrap();
+    let w = s.alloc_zeros::<bf16>(4 * 64 * 64).unwrap();
+    let mut y = s.alloc_zeros::<bf16>(rows * 64).unwrap();
+    let e = grouped_gemm(s, &c.plan, &GemmProblem::new(60, 64), &x, &w, &mut y).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { arg: "n", .. }), "{e}");
+    let e = grouped_gemm(s, &c.plan, &GemmProblem::new(64, 60), &x, &w, &mut y).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { arg: "k", .. }), "{e}");
+    let e = grouped_gemm(
+        s,
+        &c.plan,
+        &GemmProblem::new(64, 64),
+        &x,
+        &w.slice(1..),
+        &mut y,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "w", .. }), "{e}");
+    let e = grouped_gemm(
+        s,
+        &c.plan,
+        &GemmProblem::new(64, 64),
+        &x,
+        &w,
+        &mut y.slice_mut(1..),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
+    let e = grouped_gemm(
+        s,
+        &c.plan,
+        &GemmProblem::new(64, 64),
+        &x.slice(4..),
+        &w,
+        &mut y,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { arg: "x", .. }), "{e}");
+    let small = RoutingPlan::new(s, PlanConfig::new(10, 2, 4).block_m(64)).unwrap();
+    let mut small = small;
+    small
+        .build(s, &s.clone_htod(&[0i32; 20]).unwrap(), 10)
+        .unwrap();
+    let e = grouped_gemm(s, &small, &GemmProblem::new(64, 64), &x, &w, &mut y).unwrap_err();
+    assert!(e.to_string().contains("block_m"), "{e}");
+    let weights = s.alloc_zeros::<f32>(19).unwrap();
+    let p = GemmProblem::new(64, 64).epilogue(Epilogue::RowScale {
+        weights: weights.slice(..),
+    });
+    let e = grouped_gemm(s, &c.plan, &p, &x, &w, &mut y).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "weights", .. }), "{e}");
+}
