@@ -23,7 +23,8 @@ san() { # $1 tool
   local fails=0
   for t in .gpu/tests/*; do
     n=$(basename "$t")
-    PROPTEST_CASES=8 timeout 300 compute-sanitizer --tool "$1" --error-exitcode 99 "$t" --include-ignored \
+    [ "$n" = lib-moekit ] && continue  # no tests: the sanitizer would report "no CUDA API call"
+    PROPTEST_CASES=8 timeout 300 compute-sanitizer --tool "$1" --error-exitcode 99 "$t" --include-ignored --skip deepseek_v3 \
       >"$out/$1-$n.txt" 2>&1 || { fails=$((fails+1)); echo "$1 $n: rc=$?" >>"$out/$1-failures.txt"; }
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/$1-$n.txt" | tail -1 | sed "s/^/$1 $n: /" >>"$out/sanitizer.txt"
   done
@@ -46,12 +47,8 @@ if has criterion; then
   summary+=("criterion: done")
 fi
 if has variants; then  # experiment knobs of the copy, permute and combine kernels
-  for v in 0 1 2 3 4; do MOEKIT_COPY_VARIANT=$v timeout 60 .gpu/examples/bench_report --filter none --reps 20 2>&1 \
-    | grep ceiling/ | sed "s/^/copy-v$v /" >>"$out/variants.txt"; done
-  for v in 0 1 2; do MOEKIT_PERMUTE_VARIANT=$v timeout 120 .gpu/examples/bench_report --filter /permute \
-    --tokens 4096,16384 --reps 20 2>&1 | grep /permute | sed "s/^/permute-v$v /" >>"$out/variants.txt"; done
-  for v in 0 1 2 3; do MOEKIT_COMBINE_VARIANT=$v timeout 120 .gpu/examples/bench_report --filter /combine \
-    --tokens 4096,16384 --reps 20 2>&1 | grep /combine | sed "s/^/combine-v$v /" >>"$out/variants.txt"; done
+  for v in 0 1; do MOEKIT_GEMM_VARIANT=$v timeout 150 .gpu/examples/bench_report --filter dsv3/T4096/gemm-up,dsv3/T16384/gemm,qwen3/T16384/gemm-up,mixtral/T4096/gemm-up \
+    --tokens 4096,16384 --reps 10 2>&1 | grep /gemm | sed "s/^/gemm-v$v /" >>"$out/variants.txt"; done
   summary+=("variants: done")
 fi
 if has ncu-gating; then

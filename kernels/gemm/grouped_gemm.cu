@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "grouped_gemm_sm90.cuh"
@@ -100,7 +101,7 @@ static bool make_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT>
+template <int BN, int kStages, int kEpilogue, typename OutT, int kInFlight>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
@@ -109,7 +110,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
       !make_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kInFlight>;
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
@@ -125,7 +126,10 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
-  return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  // Experiment knob (MOEKIT_GEMM_VARIANT), measured in BENCHMARKS.md; removed once settled.
+  const char *env = getenv("MOEKIT_GEMM_VARIANT");
+  if (env != nullptr && atoi(env) == 1) return run_wgmma<256, 4, kEpilogue, OutT, 1>(p, a, stream);
+  return run_wgmma<256, 4, kEpilogue, OutT, 0>(p, a, stream);
 }
 
 template <typename OutT>

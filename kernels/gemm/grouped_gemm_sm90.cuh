@@ -173,7 +173,7 @@ constexpr size_t smem_bytes() {
          2 * kStages * sizeof(uint64_t) + 1024;
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT>
+template <int BN, int kStages, int kEpilogue, typename OutT, int kInFlight>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                               const Args a) {
@@ -261,11 +261,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           sm90::wgmma_commit();
           sm90::fence_operands(acc);
-          // Keep this k-block's group in flight; the previous one is done, so its stage is free.
-          sm90::wgmma_wait<1>();
-          sm90::fence_operands(acc);
-          if (prev_stage >= 0 && lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
-          prev_stage = stage;
+          if constexpr (kInFlight == 1) {
+            // Keep this k-block's group in flight; the previous one is done, so its stage is free.
+            sm90::wgmma_wait<1>();
+            sm90::fence_operands(acc);
+            if (prev_stage >= 0 && lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
+            prev_stage = stage;
+          } else {
+            // Drain, then free this stage at once: the other consumer's WGMMAs fill the tensor pipe.
+            sm90::wgmma_wait<0>();
+            sm90::fence_operands(acc);
+            if (lane == 0) sm90::mbar_arrive(&empty[stage]);
+          }
         } else if (lane == 0) {
           sm90::mbar_arrive(&empty[stage]);
         }
@@ -275,9 +282,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (!active) continue;
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(acc);
-      if (lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
+      if constexpr (kInFlight == 1) {
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(acc);
+        if (lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
+      }
       epilogue<BN, kEpilogue, OutT>(a, tile, acc, consumer, warp, lane, staging + consumer * 64 * kStageRowBytes);
     }
   }
