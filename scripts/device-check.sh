@@ -51,6 +51,14 @@ if has variants; then  # experiment knobs of the copy, permute and combine kerne
     --tokens 4096,16384 --reps 10 2>&1 | grep /gemm | sed "s/^/gemm-v$v /" >>"$out/variants.txt"; done
   summary+=("variants: done")
 fi
+if has ncu-gemm; then
+  for c in dsv3/T16384/gemm-up dsv3/T4096/gemm-up; do
+    timeout 200 ncu --clock-control none -k regex:grouped_gemm_wgmma --launch-skip 3 --launch-count 1 --set full \
+      .gpu/examples/bench_report --filter "$c" --tokens "$(echo $c | sed 's|.*/T\([0-9]*\)/.*|\1|')" --reps 2 \
+      >"$out/ncu-$(echo $c | tr / _).txt" 2>&1
+  done
+  summary+=("ncu-gemm: done")
+fi
 if has ncu-gating; then
   timeout 300 ncu --clock-control none -k regex:topk_gating --launch-skip 10 --launch-count 1 --set full \
     .gpu/examples/bench_report --filter dsv3/T16384/gate-noaux-tc --tokens 16384 --reps 12 >"$out/ncu-gating.txt" 2>&1

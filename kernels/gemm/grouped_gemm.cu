@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "grouped_gemm_sm90.cuh"
@@ -126,9 +125,9 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
-  // Experiment knob (MOEKIT_GEMM_VARIANT), measured in BENCHMARKS.md; removed once settled.
-  const char *env = getenv("MOEKIT_GEMM_VARIANT");
-  if (env != nullptr && atoi(env) == 1) return run_wgmma<256, 4, kEpilogue, OutT, 1>(p, a, stream);
+  // Drain each k-block before the next (kInFlight = 0): with one WGMMA group left in flight the
+  // stage is freed a k-block later, and with 4 stages the TMA ring ran dry: qwen3 T=16384 gate+up
+  // 630 vs 571 TFLOP/s, Mixtral T=4096 710 vs 646 (BENCHMARKS.md, run 6).
   return run_wgmma<256, 4, kEpilogue, OutT, 0>(p, a, stream);
 }
 
