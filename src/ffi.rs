@@ -19,4 +19,4 @@ const _: () = assert!(core::mem::size_of::<moekit_gating_params>() == 96);
 const _: () = assert!(core::mem::size_of::<moekit_plan_params>() == 136);
 const _: () = assert!(core::mem::size_of::<moekit_permute_params>() == 96);
 const _: () = assert!(core::mem::size_of::<moekit_combine_params>() == 80);
-const _: () = assert!(core::mem::size_of::<moekit_grouped_gemm_params>() == 112);
+const _: () = assert!(core::mem::size_of::<moekit_grouped_gemm_params>() == 120);

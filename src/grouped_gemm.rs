@@ -111,16 +111,17 @@ impl GemmOutput for bf16 {}
 impl GemmOutput for f32 {}
 
 /// Runs the grouped GEMM on `stream` over the experts of `plan` (which must have been built, with
-/// `block_m` = [`BLOCK_M`] for the WGMMA kernel).
+/// `block_m` = [`BLOCK_M`] for the WGMMA kernel). The plan is borrowed mutably for its scheduling
+/// counter.
 pub fn grouped_gemm<O: GemmOutput>(
     stream: &CudaStream,
-    plan: &RoutingPlan,
+    plan: &mut RoutingPlan,
     problem: &GemmProblem<'_>,
     x: &impl DevicePtr<bf16>,
     w: &impl DevicePtr<bf16>,
     y: &mut impl DevicePtrMut<O>,
 ) -> Result<()> {
-    let cfg = plan.config();
+    let cfg = plan.config().clone();
     let tokens = plan.tokens().ok_or_else(|| {
         Error::invalid(
             "plan",
@@ -213,11 +214,21 @@ pub fn grouped_gemm<O: GemmOutput>(
             "must start aligned to two elements (pairs are stored together)",
         ));
     }
-    let (tiles, _g3) = plan.tiles().device_ptr(stream);
-    let (num_tiles, _g4) = plan.num_tiles().device_ptr(stream);
-    let (offsets, _g5) = plan.expert_offsets().device_ptr(stream);
-    let (counts, _g6) = plan.expert_counts().device_ptr(stream);
-    let (row_map, _g7) = plan.row_map().device_ptr(stream);
+    let RoutingPlan {
+        tiles,
+        num_tiles,
+        expert_offsets,
+        expert_counts,
+        row_map,
+        gemm_tile_counter,
+        ..
+    } = plan;
+    let (counter, _g8) = gemm_tile_counter.device_ptr_mut(stream);
+    let (tiles, _g3) = tiles.device_ptr(stream);
+    let (num_tiles, _g4) = num_tiles.device_ptr(stream);
+    let (offsets, _g5) = expert_offsets.device_ptr(stream);
+    let (counts, _g6) = expert_counts.device_ptr(stream);
+    let (row_map, _g7) = row_map.device_ptr(stream);
     let scale = match &problem.epilogue {
         Epilogue::RowScale { weights } => Some(weights.device_ptr(stream)),
         _ => None,
@@ -232,6 +243,7 @@ pub fn grouped_gemm<O: GemmOutput>(
         expert_counts: counts as *const i32,
         row_map: row_map as *const i32,
         row_weights: ptr_or_null(&scale) as *const f32,
+        tile_counter: counter as *mut i32,
         x_rows: rows as i64,
         n: n as i32,
         k: k as i32,

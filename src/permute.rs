@@ -158,19 +158,24 @@ impl PlanConfig {
 /// - `tiles` `[max_tiles, 2]`: `(local expert, first row)` of each `block_m`-row tile over the
 ///   experts' real rows (the last tile of an expert may extend past its rows: mask by the count);
 /// - `num_tiles` `[1]`.
+///
+/// It also holds the grouped GEMM's scheduling counter, which is why
+/// [`crate::grouped_gemm::grouped_gemm`] borrows the plan mutably.
 #[derive(Debug)]
 pub struct RoutingPlan {
     cfg: PlanConfig,
     tokens: Option<usize>,
-    expert_counts: CudaSlice<i32>,
-    expert_offsets: CudaSlice<i32>,
-    row_map: CudaSlice<i32>,
+    pub(crate) expert_counts: CudaSlice<i32>,
+    pub(crate) expert_offsets: CudaSlice<i32>,
+    pub(crate) row_map: CudaSlice<i32>,
     inverse_map: CudaSlice<i32>,
-    tiles: CudaSlice<i32>,
-    num_tiles: CudaSlice<i32>,
+    pub(crate) tiles: CudaSlice<i32>,
+    pub(crate) num_tiles: CudaSlice<i32>,
     chunk_counts: CudaSlice<i32>,
     assignment_rank: CudaSlice<i32>,
     invalid_ids: CudaSlice<i32>,
+    /// Scratch of the grouped GEMM: the counter its CTAs claim tiles from.
+    pub(crate) gemm_tile_counter: CudaSlice<i32>,
 }
 
 impl RoutingPlan {
@@ -192,6 +197,7 @@ impl RoutingPlan {
             chunk_counts: alloc(cfg.num_local() * cfg.chunks())?,
             assignment_rank: alloc(cfg.max_tokens * cfg.top_k)?,
             invalid_ids: alloc(cfg.chunks())?,
+            gemm_tile_counter: alloc(1)?,
             tokens: None,
             cfg,
         })

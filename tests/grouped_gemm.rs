@@ -92,7 +92,7 @@ enum Epi {
 /// Runs one implementation; returns the output as f32 and whether each element kept its poison.
 fn run<O: moekit::grouped_gemm::GemmOutput>(
     ctx: &Context,
-    c: &Case,
+    c: &mut Case,
     epi: Epi,
     imp: Implementation,
 ) -> (Vec<f32>, Vec<bool>) {
@@ -114,7 +114,7 @@ fn run<O: moekit::grouped_gemm::GemmOutput>(
     let problem = GemmProblem::new(c.n, c.k)
         .epilogue(epilogue)
         .implementation(imp);
-    grouped_gemm(s, &c.plan, &problem, &d_x, &d_w, &mut d_y).unwrap();
+    grouped_gemm(s, &mut c.plan, &problem, &d_x, &d_w, &mut d_y).unwrap();
     let y = s.clone_dtoh(&d_y).unwrap();
     let untouched = y.iter().map(|v| v.to_f32() == -1232.0).collect();
     (y.iter().map(|v| v.to_f32()).collect(), untouched)
@@ -122,14 +122,19 @@ fn run<O: moekit::grouped_gemm::GemmOutput>(
 
 /// Checks the WGMMA kernel against the reference (and the oracle): real rows within tolerance,
 /// every other row untouched. Returns the relative error.
-fn check<O: moekit::grouped_gemm::GemmOutput>(ctx: &Context, c: &Case, epi: Epi, tol: f64) -> f64 {
+fn check<O: moekit::grouped_gemm::GemmOutput>(
+    ctx: &Context,
+    c: &mut Case,
+    epi: Epi,
+    tol: f64,
+) -> f64 {
     let epilogue = match epi {
         Epi::Store => reference::Epilogue::Store,
         Epi::SwiGlu => reference::Epilogue::SwiGlu,
         Epi::RowScale => reference::Epilogue::RowScale(&c.weights),
     };
     let want = reference::grouped_gemm(&c.plan_ref, &c.x, &c.w, c.n, c.k, epilogue);
-    let (got, untouched) = run::<O>(ctx, c, epi, Implementation::Wgmma);
+    let (got, untouched) = run::<O>(ctx, &mut *c, epi, Implementation::Wgmma);
     let n_out = if epi == Epi::SwiGlu { c.n / 2 } else { c.n };
     let (mut g, mut r) = (Vec::new(), Vec::new());
     for (row, w) in want.iter().enumerate() {
@@ -154,8 +159,8 @@ fn check<O: moekit::grouped_gemm::GemmOutput>(ctx: &Context, c: &Case, epi: Epi,
         O::DTYPE
     );
     // The oracle agrees too, and a rerun is bitwise identical.
-    let (oracle, _) = run::<O>(ctx, c, epi, Implementation::Oracle);
-    let (again, _) = run::<O>(ctx, c, epi, Implementation::Wgmma);
+    let (oracle, _) = run::<O>(ctx, &mut *c, epi, Implementation::Oracle);
+    let (again, _) = run::<O>(ctx, &mut *c, epi, Implementation::Wgmma);
     assert!(
         got.iter()
             .zip(&again)
@@ -189,13 +194,13 @@ fn uniform_routing_every_epilogue() {
     let Some(ctx) = gpu("uniform_routing_every_epilogue") else {
         return;
     };
-    let c = uniform(&ctx, "uniform", 512, 8, 16, 512, 512);
-    check::<bf16>(&ctx, &c, Epi::Store, 5e-3);
-    check::<f32>(&ctx, &c, Epi::Store, 1e-4);
-    check::<bf16>(&ctx, &c, Epi::SwiGlu, 5e-3);
-    check::<f32>(&ctx, &c, Epi::SwiGlu, 1e-4);
-    check::<bf16>(&ctx, &c, Epi::RowScale, 5e-3);
-    check::<f32>(&ctx, &c, Epi::RowScale, 1e-4);
+    let mut c = uniform(&ctx, "uniform", 512, 8, 16, 512, 512);
+    check::<bf16>(&ctx, &mut c, Epi::Store, 5e-3);
+    check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
+    check::<bf16>(&ctx, &mut c, Epi::SwiGlu, 5e-3);
+    check::<f32>(&ctx, &mut c, Epi::SwiGlu, 1e-4);
+    check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
+    check::<f32>(&ctx, &mut c, Epi::RowScale, 1e-4);
 }
 
 #[test]
@@ -205,11 +210,11 @@ fn ragged_shapes() {
     };
     // N and K not multiples of the tile, N below the 256-column tile, K below the 64-deep stage.
     for (n, k) in [(200, 72), (8, 8), (264, 1000), (1024, 136), (48, 2056)] {
-        let c = uniform(&ctx, "ragged", 300, 4, 8, n, k);
-        check::<bf16>(&ctx, &c, Epi::Store, 5e-3);
+        let mut c = uniform(&ctx, "ragged", 300, 4, 8, n, k);
+        check::<bf16>(&ctx, &mut c, Epi::Store, 5e-3);
     }
-    let c = uniform(&ctx, "ragged swiglu", 300, 4, 8, 272, 88);
-    check::<f32>(&ctx, &c, Epi::SwiGlu, 1e-4);
+    let mut c = uniform(&ctx, "ragged swiglu", 300, 4, 8, 272, 88);
+    check::<f32>(&ctx, &mut c, Epi::SwiGlu, 1e-4);
 }
 
 #[test]
@@ -221,56 +226,56 @@ fn skewed_and_degenerate_routings() {
     let zipf = routing(&mut r, 2000, 8, 64, Routing::Zipf(1.2));
     check::<bf16>(
         &ctx,
-        &case(&ctx, "zipf-1.2", zipf, 2000, 8, 64, 256, 256, 1),
+        &mut case(&ctx, "zipf-1.2", zipf, 2000, 8, 64, 256, 256, 1),
         Epi::Store,
         5e-3,
     );
     let all = routing(&mut r, 1000, 2, 32, Routing::AllToFirst);
     check::<bf16>(
         &ctx,
-        &case(&ctx, "all-to-one", all, 1000, 2, 32, 256, 128, 1),
+        &mut case(&ctx, "all-to-one", all, 1000, 2, 32, 256, 128, 1),
         Epi::Store,
         5e-3,
     );
     let sparse = routing(&mut r, 3, 8, 256, Routing::Uniform);
     check::<bf16>(
         &ctx,
-        &case(&ctx, "mostly empty experts", sparse, 3, 8, 256, 128, 64, 1),
+        &mut case(&ctx, "mostly empty experts", sparse, 3, 8, 256, 128, 64, 1),
         Epi::SwiGlu,
         5e-3,
     );
     let one_row: Vec<i32> = (0..64).collect();
     check::<f32>(
         &ctx,
-        &case(&ctx, "one-row experts", one_row, 64, 1, 64, 128, 128, 1),
+        &mut case(&ctx, "one-row experts", one_row, 64, 1, 64, 128, 128, 1),
         Epi::Store,
         1e-4,
     );
     let e1 = routing(&mut r, 700, 1, 1, Routing::Uniform);
     check::<bf16>(
         &ctx,
-        &case(&ctx, "E=1", e1, 700, 1, 1, 512, 256, 1),
+        &mut case(&ctx, "E=1", e1, 700, 1, 1, 512, 256, 1),
         Epi::Store,
         5e-3,
     );
     let e1024 = routing(&mut r, 300, 4, 1024, Routing::Uniform);
     check::<bf16>(
         &ctx,
-        &case(&ctx, "E=1024", e1024, 300, 4, 1024, 64, 64, 1),
+        &mut case(&ctx, "E=1024", e1024, 300, 4, 1024, 64, 64, 1),
         Epi::Store,
         5e-3,
     );
     let padded = routing(&mut r, 500, 6, 20, Routing::Uniform);
     check::<bf16>(
         &ctx,
-        &case(&ctx, "padded segments", padded, 500, 6, 20, 256, 192, 16),
+        &mut case(&ctx, "padded segments", padded, 500, 6, 20, 256, 192, 16),
         Epi::RowScale,
         5e-3,
     );
     let none: Vec<i32> = Vec::new();
     check::<bf16>(
         &ctx,
-        &case(&ctx, "T=0", none, 0, 4, 16, 128, 64, 1),
+        &mut case(&ctx, "T=0", none, 0, 4, 16, 128, 64, 1),
         Epi::Store,
         5e-3,
     );
@@ -296,9 +301,9 @@ fn deepseek_v3_shapes_against_the_oracle() {
     let mut got = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
     let mut want = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
     let p = GemmProblem::new(n, k).epilogue(Epilogue::SwiGlu);
-    grouped_gemm(s, &plan, &p, &x, &w, &mut got).unwrap();
+    grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
     let p = p.implementation(Implementation::Oracle);
-    grouped_gemm(s, &plan, &p, &x, &w, &mut want).unwrap();
+    grouped_gemm(s, &mut plan, &p, &x, &w, &mut want).unwrap();
     let got: Vec<f32> = s
         .clone_dtoh(&got)
         .unwrap()
@@ -359,18 +364,18 @@ fn bad_inputs_are_refused() {
         return;
     };
     let s = ctx.stream();
-    let c = uniform(&ctx, "bad", 10, 2, 4, 64, 64);
+    let mut c = uniform(&ctx, "bad", 10, 2, 4, 64, 64);
     let rows = c.plan.config().max_rows();
     let x = s.alloc_zeros::<bf16>(rows * 64 + 8).unwrap();
     let w = s.alloc_zeros::<bf16>(4 * 64 * 64).unwrap();
     let mut y = s.alloc_zeros::<bf16>(rows * 64).unwrap();
-    let e = grouped_gemm(s, &c.plan, &GemmProblem::new(60, 64), &x, &w, &mut y).unwrap_err();
+    let e = grouped_gemm(s, &mut c.plan, &GemmProblem::new(60, 64), &x, &w, &mut y).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { arg: "n", .. }), "{e}");
-    let e = grouped_gemm(s, &c.plan, &GemmProblem::new(64, 60), &x, &w, &mut y).unwrap_err();
+    let e = grouped_gemm(s, &mut c.plan, &GemmProblem::new(64, 60), &x, &w, &mut y).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { arg: "k", .. }), "{e}");
     let e = grouped_gemm(
         s,
-        &c.plan,
+        &mut c.plan,
         &GemmProblem::new(64, 64),
         &x,
         &w.slice(1..),
@@ -380,7 +385,7 @@ fn bad_inputs_are_refused() {
     assert!(matches!(e, Error::Shape { arg: "w", .. }), "{e}");
     let e = grouped_gemm(
         s,
-        &c.plan,
+        &mut c.plan,
         &GemmProblem::new(64, 64),
         &x,
         &w,
@@ -390,7 +395,7 @@ fn bad_inputs_are_refused() {
     assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
     let e = grouped_gemm(
         s,
-        &c.plan,
+        &mut c.plan,
         &GemmProblem::new(64, 64),
         &x.slice(4..),
         &w,
@@ -403,12 +408,12 @@ fn bad_inputs_are_refused() {
     small
         .build(s, &s.clone_htod(&[0i32; 20]).unwrap(), 10)
         .unwrap();
-    let e = grouped_gemm(s, &small, &GemmProblem::new(64, 64), &x, &w, &mut y).unwrap_err();
+    let e = grouped_gemm(s, &mut small, &GemmProblem::new(64, 64), &x, &w, &mut y).unwrap_err();
     assert!(e.to_string().contains("block_m"), "{e}");
     let weights = s.alloc_zeros::<f32>(19).unwrap();
     let p = GemmProblem::new(64, 64).epilogue(Epilogue::RowScale {
         weights: weights.slice(..),
     });
-    let e = grouped_gemm(s, &c.plan, &p, &x, &w, &mut y).unwrap_err();
+    let e = grouped_gemm(s, &mut c.plan, &p, &x, &w, &mut y).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "weights", .. }), "{e}");
 }

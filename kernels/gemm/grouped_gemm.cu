@@ -100,7 +100,7 @@ static bool make_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT, int kInFlight>
+template <int BN, int kStages, int kEpilogue, typename OutT>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
@@ -109,12 +109,13 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
       !make_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kInFlight>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT>;
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
+  MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
   kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
   return last_launch_status();
 }
@@ -125,10 +126,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
-  // Drain each k-block before the next (kInFlight = 0): with one WGMMA group left in flight the
-  // stage is freed a k-block later, and with 4 stages the TMA ring ran dry: qwen3 T=16384 gate+up
-  // 630 vs 571 TFLOP/s, Mixtral T=4096 710 vs 646 (BENCHMARKS.md, run 6).
-  return run_wgmma<256, 4, kEpilogue, OutT, 0>(p, a, stream);
+  return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
 }
 
 template <typename OutT>
@@ -149,7 +147,8 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
       p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
-      (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr))) {
+      (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
+      (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
   Args a;
@@ -159,6 +158,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.counts = p->expert_counts;
   a.row_map = p->row_map;
   a.row_weights = p->row_weights;
+  a.tile_counter = p->tile_counter;
   a.y = p->y;
   a.n = p->n;
   a.k = p->k;

@@ -7,17 +7,17 @@
 // math against 3.5 ms of weight traffic, so large T is compute-bound; at T = 4096 (128 rows per
 // expert) the two meet (~3 ms each) and the kernel must stream weights while computing.
 //
-// Structure (one CTA per SM, looping over tiles):
+// Structure (one CTA per SM, claiming tiles in order from a global counter):
 //   warpgroup 0      one thread issues TMA loads of an X tile [128 x 64] and a W tile [BN x 64]
 //                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
 //   empty[s] (8 arrivals: every consumer warp) : the stage may be overwritten.
-// Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t of
-// the persistent loop maps to (M tile, column block) so that all M tiles of an expert sweep each
-// column block together (one W tile feeds them from L2) and all column blocks of an M tile run in
-// the same window (its X tile stays in L2). Rows past an expert's segment are computed on whatever
+// Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
+// to (M tile, column block) so that all M tiles of an expert sweep each column block together (one
+// W tile feeds them from L2) and all column blocks of an M tile run in the same window (its X tile
+// stays in L2). Rows past an expert's segment are computed on whatever
 // the tile holds (the next expert's rows, or TMA's zero fill) and never stored.
 #pragma once
 
@@ -46,6 +46,7 @@ struct Args {
   const int32_t *counts;
   const int32_t *row_map;
   const float *row_weights;
+  int32_t *tile_counter;  // zeroed before the launch; CTAs claim tiles from it in order
   void *y;
   int32_t n;      // weight rows per expert
   int32_t k;
@@ -170,10 +171,10 @@ __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const 
 template <int BN, int kStages>
 constexpr size_t smem_bytes() {
   return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * 64 * kStageRowBytes +
-         2 * kStages * sizeof(uint64_t) + 1024;
+         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 1024;
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT, int kInFlight>
+template <int BN, int kStages, int kEpilogue, typename OutT>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                               const Args a) {
@@ -191,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][64][256 B]
   uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * 64 * kStageRowBytes);
   uint64_t *empty = full + kStages;
+  int32_t *stage_tile = reinterpret_cast<int32_t *>(empty + kStages);  // tile of each stage, -1 = stop
 
   const int warpgroup = threadIdx.x / 128;
   const int col_blocks = (a.n_out + kColsPerTile - 1) / kColsPerTile;
@@ -203,21 +205,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::fence_barrier_init();
   }
   __syncthreads();
-  const int total = __ldg(a.num_tiles) * col_blocks;
-
   if (warpgroup == 0) {
-    // Producer: one thread issues every TMA; the others only give their registers away.
-    sm90::setmaxnreg_dec<40>();
+    // Producer: one thread claims tiles and issues every TMA; the others only give their
+    // registers away. Tiles are claimed in order from a global counter: CTAs that share a W tile
+    // (the M tiles of one expert and column block) start together and stream it through L2 once.
+    // (A static round-robin drifted apart: ncu measured 34% L2 hits and 4.1 TB/s of DRAM traffic,
+    // 4x the weights, on the DeepSeek-V3 gate+up at T = 16384.)
+    sm90::setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
+      const int total = __ldg(a.num_tiles) * col_blocks;
       int stage = 0;
       uint32_t phase = 0;
-      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      while (true) {
+        const int t = atomicAdd(a.tile_counter, 1);
+        if (t >= total) {
+          // No bytes: the phase completes on this arrival alone and tells the consumers to stop.
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
+          stage_tile[stage] = -1;
+          sm90::mbar_arrive(&full[stage]);
+          break;
+        }
         const Tile tile = decode_tile(a, t, col_blocks);
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
         for (int kb = 0; kb < k_blocks; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
+          stage_tile[stage] = t;  // published by the arrive below (release), read after the wait (acquire)
           sm90::mbar_arrive_expect_tx(&full[stage], kStageBytes);
           sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
           if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
@@ -235,21 +249,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    sm90::setmaxnreg_inc<232>();
+    sm90::setmaxnreg_inc<240>();
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
     int stage = 0;
     uint32_t phase = 0;
     float acc[BN / 2];
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    while (true) {
+      sm90::mbar_wait(&full[stage], phase);
+      const int t = stage_tile[stage];
+      if (t < 0) break;
       const Tile tile = decode_tile(a, t, col_blocks);
       // A consumer whose 64 rows all lie past the expert's segment skips the math: the ragged last
       // tile of an expert then costs half a tile of tensor-core time.
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
-      int prev_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
-        sm90::mbar_wait(&full[stage], phase);
+        sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         if (active) {
           const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
           const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
@@ -261,33 +277,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           sm90::wgmma_commit();
           sm90::fence_operands(acc);
-          if constexpr (kInFlight == 1) {
-            // Keep this k-block's group in flight; the previous one is done, so its stage is free.
-            sm90::wgmma_wait<1>();
-            sm90::fence_operands(acc);
-            if (prev_stage >= 0 && lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
-            prev_stage = stage;
-          } else {
-            // Drain, then free this stage at once: the other consumer's WGMMAs fill the tensor pipe.
-            sm90::wgmma_wait<0>();
-            sm90::fence_operands(acc);
-            if (lane == 0) sm90::mbar_arrive(&empty[stage]);
-          }
-        } else if (lane == 0) {
-          sm90::mbar_arrive(&empty[stage]);
+          // Drain, then free the stage at once: the other consumer's WGMMAs fill the tensor pipe.
+          // (Keeping one group in flight frees each stage a k-block later; with 4 stages the TMA
+          // ring ran dry: qwen3 T=16384 gate+up 571 vs 630 TFLOP/s, BENCHMARKS.md run 6.)
+          sm90::wgmma_wait<0>();
+          sm90::fence_operands(acc);
         }
+        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
       }
-      if (!active) continue;
-      if constexpr (kInFlight == 1) {
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(acc);
-        if (lane == 0) sm90::mbar_arrive(&empty[prev_stage]);
+      if (active) {
+        epilogue<BN, kEpilogue, OutT>(a, tile, acc, consumer, warp, lane, staging + consumer * 64 * kStageRowBytes);
       }
-      epilogue<BN, kEpilogue, OutT>(a, tile, acc, consumer, warp, lane, staging + consumer * 64 * kStageRowBytes);
     }
   }
 }

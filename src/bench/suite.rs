@@ -379,7 +379,7 @@ fn gemm_case(
                 Epilogue::Store
             };
             let p = GemmProblem::new(n, kdim).epilogue(epilogue);
-            grouped_gemm(&s, &plan, &p, &x, &w, &mut y)
+            grouped_gemm(&s, &mut plan, &p, &x, &w, &mut y)
         }),
     ))
 }
