@@ -2,8 +2,9 @@
 # Runs on the GPU machine over a bundle built by ../shared/tools/gpu-bundle (carried as .gpu/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion (default: all but
-# criterion; ncu-gating profiles the gating kernel). Extra env: REPORT_FILTER (bench_report --filter), ANCHOR_CASES, ANCHOR_TOKENS.
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion,ncu-gemm,ncu-gating
+# (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
+# --filter), ANCHOR_CASES, ANCHOR_TOKENS.
 set -u
 cd "$(dirname "$0")/.."
 # Logs are written outside $OUT and packed into $OUT/logs.tgz at the end: the device tool returns at
@@ -46,11 +47,6 @@ if has criterion; then
   for b in .gpu/benches/*; do [ "$(basename "$b")" = lib-moekit ] && continue; timeout 200 "$b" --bench >>"$out/criterion.txt" 2>&1; done
   summary+=("criterion: done")
 fi
-if has variants; then  # experiment knobs of the copy, permute and combine kernels
-  for v in 0 1; do MOEKIT_GEMM_VARIANT=$v timeout 150 .gpu/examples/bench_report --filter dsv3/T4096/gemm-up,dsv3/T16384/gemm,qwen3/T16384/gemm-up,mixtral/T4096/gemm-up \
-    --tokens 4096,16384 --reps 10 2>&1 | grep /gemm | sed "s/^/gemm-v$v /" >>"$out/variants.txt"; done
-  summary+=("variants: done")
-fi
 if has ncu-gemm; then
   for c in dsv3/T16384/gemm-up dsv3/T4096/gemm-up; do
     timeout 200 ncu --clock-control none -k regex:grouped_gemm_wgmma --launch-skip 3 --launch-count 1 --set full \
@@ -66,4 +62,4 @@ if has ncu-gating; then
 fi
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 tar czf "$final/logs.tgz" -C "$out" .
-for f in bench.txt bench.json torch.json summary.txt variants.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
+for f in bench.txt bench.json torch.json summary.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
