@@ -283,6 +283,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
+        // Every lane of the warp has read this stage (and its tile id) before lane 0 frees it.
+        __syncwarp();
         if (lane == 0) sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
