@@ -13,7 +13,7 @@
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
-//   empty[s] (8 arrivals: every consumer warp) : the stage may be overwritten.
+//   empty[s] (256 arrivals: every consumer thread) : the stage may be overwritten.
 // Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
 // to (M tile, column block) so that all M tiles of an expert sweep each column block together (one
 // W tile feeds them from L2) and all column blocks of an M tile run in the same window (its X tile
@@ -25,6 +25,8 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "device/sm90.cuh"
 #include "device/wgmma_ops.cuh"
@@ -116,19 +118,17 @@ __device__ __forceinline__ void stage_pair(uint8_t *buf, int row, int col, float
 template <int BN, int kEpilogue, typename OutT>
 __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const float (&acc)[BN / 2], int consumer,
                                          int warp, int lane, uint8_t *buf) {
+  // The row scale is applied on the way out, in f32 (the staging then holds f32): applied to the
+  // accumulators it kept two scales live next to them and the consumer spilled at its 240-register
+  // limit.
+  constexpr bool kScaleRows = kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE;
+  using StageT = typename std::conditional<kScaleRows, float, OutT>::type;
   constexpr int kOutCols = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
-  constexpr int kPassCols = kStageRowBytes / (int)sizeof(OutT);
+  constexpr int kPassCols = kStageRowBytes / (int)sizeof(StageT);
   constexpr int kPasses = (kOutCols + kPassCols - 1) / kPassCols;
+  constexpr int kChunkCols = 16 / (int)sizeof(StageT);  // columns per 16-byte staging chunk
   const int row_base = tile.row0 + consumer * 64;
   const int col_base = tile.col_block * kOutCols;
-  float scale[2] = {1.0f, 1.0f};
-  if constexpr (kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row_base + warp * 16 + lane / 4 + 8 * h;
-      if (r < tile.row_end) scale[h] = __ldg(a.row_weights + __ldg(a.row_map + r));
-    }
-  }
   OutT *y = static_cast<OutT *>(a.y);
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
@@ -145,23 +145,40 @@ __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const 
           v0 = silu(acc[4 * i + 2 * h]) * acc[4 * (i + kHalfBlocks) + 2 * h];
           v1 = silu(acc[4 * i + 2 * h + 1]) * acc[4 * (i + kHalfBlocks) + 2 * h + 1];
         } else {
-          v0 = scale[h] * acc[4 * i + 2 * h];
-          v1 = scale[h] * acc[4 * i + 2 * h + 1];
+          v0 = acc[4 * i + 2 * h];
+          v1 = acc[4 * i + 2 * h + 1];
         }
-        stage_pair<OutT>(buf, row, col, v0, v1);
+        stage_pair<StageT>(buf, row, col, v0, v1);
       }
     }
     warpgroup_barrier(1 + consumer);
-    // 2. staging -> global: each warp copies 16 rows, two per instruction, 16 bytes per lane
+    // 2. staging -> global: each warp copies 16 rows, two per instruction, one chunk per lane
     const int chunk = lane % 16;
-    const int col = col_base + pass * kPassCols + chunk * (16 / (int)sizeof(OutT));
+    const int col = col_base + pass * kPassCols + chunk * kChunkCols;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int row = warp * 16 + 2 * j + lane / 16;
       const int r = row_base + row;
       if (r < tile.row_end && col < a.n_out) {
         const uint4 v = *reinterpret_cast<const uint4 *>(buf + row * kStageRowBytes + ((chunk ^ (row & 7)) << 4));
-        *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = v;
+        if constexpr (kScaleRows) {
+          const float s = __ldg(a.row_weights + __ldg(a.row_map + r));
+          const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
+          if constexpr (sizeof(OutT) == 2) {
+            __nv_bfloat162 *dst = reinterpret_cast<__nv_bfloat162 *>(y + (int64_t)r * a.n_out + col);
+            __nv_bfloat162 lo = __floats2bfloat162_rn(s * f[0], s * f[1]);
+            __nv_bfloat162 hi = __floats2bfloat162_rn(s * f[2], s * f[3]);
+            uint2 packed;
+            memcpy(&packed.x, &lo, 4);
+            memcpy(&packed.y, &hi, 4);
+            *reinterpret_cast<uint2 *>(dst) = packed;
+          } else {
+            *reinterpret_cast<float4 *>(y + (int64_t)r * a.n_out + col) =
+                make_float4(s * f[0], s * f[1], s * f[2], s * f[3]);
+          }
+        } else {
+          *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = v;
+        }
       }
     }
     warpgroup_barrier(1 + consumer);  // the next pass (or tile) overwrites the buffer
@@ -200,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], 1);
-      sm90::mbar_init(&empty[s], kConsumers * 4);
+      sm90::mbar_init(&empty[s], kConsumers * 128);
     }
     sm90::fence_barrier_init();
   }
@@ -283,9 +300,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
-        // Every lane of the warp has read this stage (and its tile id) before lane 0 frees it.
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
+        // Every consumer thread arrives: each has read the stage (and its tile id) before it
+        // frees it, with no warp-level ordering to reason about.
+        sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
