@@ -393,6 +393,38 @@ proptest! {
     }
 }
 
+/// E = 1500 in 500 groups of 3 stages 48 KB of keys per block in shared memory next to the kernel's
+/// static candidate buffer: found by the proptest when the launcher only raised the shared-memory
+/// limit for dynamic requests above 48 KB.
+#[test]
+fn large_grouped_rows_in_shared_memory() {
+    let Some(ctx) = gpu("large_grouped_rows_in_shared_memory") else {
+        return;
+    };
+    let cfg = GatingConfig {
+        num_experts: 1500,
+        top_k: 3,
+        score: ScoreFunction::Identity,
+        group_selection: GroupSelection::SumTop2PerGroup,
+        n_group: 500,
+        topk_group: 340,
+        weights: WeightSource::SoftmaxOfChosenLogits,
+        renormalize: true,
+        routed_scaling_factor: 2.34653,
+    };
+    let seed = fresh_seed();
+    let logits = normal_vec(&mut rng(seed), 190 * 1500, 2.0);
+    let got = run_gpu::<f32>(&ctx, &cfg, &logits, 190, None, None).unwrap();
+    compare(
+        &cfg,
+        &got,
+        190,
+        None,
+        None,
+        &format!("E=1500 groups of 3, seed={seed}"),
+    );
+}
+
 #[test]
 fn bad_configurations_are_refused() {
     let ok = GatingConfig::deepseek_v3();
