@@ -13,7 +13,7 @@
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
-//   empty[s] (8 arrivals: every consumer warp) : the stage may be overwritten.
+//   empty[s] (256 arrivals: every consumer thread) : the stage may be overwritten.
 // Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
 // to (M tile, column block) so that all M tiles of an expert sweep each column block together (one
 // W tile feeds them from L2) and all column blocks of an M tile run in the same window (its X tile
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], 1);
-      sm90::mbar_init(&empty[s], kConsumers * 4);
+      sm90::mbar_init(&empty[s], kConsumers * 128);
     }
     sm90::fence_barrier_init();
   }
@@ -276,9 +276,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
       const int t = stage_tile[stage];
-      // Every lane has read the tile id before lane 0 frees the stage (the producer then rewrites
-      // it): the warp barrier orders the reads before that arrive.
-      __syncwarp();
       if (t < 0) break;
       const Tile tile = decode_tile(a, t, col_blocks);
       // A consumer whose 64 rows all lie past the expert's segment skips the math: the ragged last
@@ -303,8 +300,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
-        // One arrival per warp: 256 per-thread arrivals cost up to 17% on short-K shapes (run 10).
-        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
+        // Every consumer thread arrives: each has read the stage (and its tile id) before it
+        // frees it, with no warp-level ordering to reason about.
+        sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
