@@ -22,9 +22,12 @@ pub fn run(c: &mut Criterion, group: &str, keep: impl Fn(&str) -> bool) {
         let mut case = spec
             .build(&ctx)
             .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
-        if let Some(b) = case.bytes {
-            g.throughput(Throughput::Bytes(b as u64));
-        }
+        // Decimal GB/s, like the report lines; a case without a byte count (the empty kernel) is
+        // one launch, not the previous case's bytes (a group keeps the last throughput set).
+        g.throughput(match case.bytes {
+            Some(b) => Throughput::BytesDecimal(b as u64),
+            None => Throughput::Elements(1),
+        });
         g.bench_function(case.name.clone(), |b| {
             b.iter_custom(|iters| case.time_iters(iters).expect("timed launches"))
         });
