@@ -122,12 +122,7 @@ pub fn grouped_gemm<O: GemmOutput>(
     y: &mut impl DevicePtrMut<O>,
 ) -> Result<()> {
     let cfg = plan.config().clone();
-    let tokens = plan.tokens().ok_or_else(|| {
-        Error::invalid(
-            "plan",
-            "the routing plan has not been built (call RoutingPlan::build first)",
-        )
-    })?;
+    plan.built_tokens()?;
     let (n, k) = (problem.n, problem.k);
     if n < 8 || n % 8 != 0 || n > i32::MAX as usize {
         return Err(Error::invalid(
@@ -184,17 +179,7 @@ pub fn grouped_gemm<O: GemmOutput>(
         ));
     }
     if let Epilogue::RowScale { weights } = &problem.epilogue {
-        if weights.len() != tokens * cfg.top_k {
-            return Err(Error::shape(
-                "weights",
-                format!(
-                    "{} elements ([{tokens}, {}])",
-                    tokens * cfg.top_k,
-                    cfg.top_k
-                ),
-                weights.len(),
-            ));
-        }
+        plan.check_weights(weights.len())?;
     }
     prepare_launch(stream)?;
     let (x_ptr, _g0) = x.device_ptr(stream);

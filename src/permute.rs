@@ -335,13 +335,27 @@ impl RoutingPlan {
         &self.num_tiles
     }
 
-    fn built_tokens(&self) -> Result<usize> {
+    /// T of the last build, or the error every consumer of an unbuilt plan returns.
+    pub(crate) fn built_tokens(&self) -> Result<usize> {
         self.tokens.ok_or_else(|| {
             Error::invalid(
                 "plan",
                 "the routing plan has not been built (call RoutingPlan::build first)",
             )
         })
+    }
+
+    /// Checks that routing weights for the last build hold `[tokens, top_k]` values.
+    pub(crate) fn check_weights(&self, len: usize) -> Result<()> {
+        let (t, k) = (self.built_tokens()?, self.cfg.top_k);
+        if len != t * k {
+            return Err(Error::shape(
+                "weights",
+                format!("{} elements ([{t}, {k}])", t * k),
+                len,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -538,17 +552,7 @@ pub fn combine<Y: Element, O: Element>(
         ));
     }
     if let Some(w) = &inputs.weights {
-        if w.len() != tokens * cfg.top_k {
-            return Err(Error::shape(
-                "weights",
-                format!(
-                    "{} elements ([{tokens}, {}])",
-                    tokens * cfg.top_k,
-                    cfg.top_k
-                ),
-                w.len(),
-            ));
-        }
+        plan.check_weights(w.len())?;
     }
     for (name, t) in [("shared", &inputs.shared), ("residual", &inputs.residual)] {
         if let Some(t) = t {
