@@ -2,10 +2,11 @@
 //! one launch, with the rows of each expert given by a [`RoutingPlan`] on the device (no host
 //! synchronization: row counts never leave the GPU; empty experts cost nothing).
 //!
-//! - `X` `[max_rows, K]` bf16 row-major: the permuted activations ([`crate::permute::permute`]).
+//! - `X` `[rows, K]` bf16 row-major: the permuted activations ([`crate::permute::permute`]);
+//!   `rows` ≥ the plan's row bound for its last build ([`RoutingPlan::rows`], at most `max_rows`).
 //! - `W` `[num_local, N, K]` bf16, K contiguous: each expert's `nn.Linear` weight `[out, in]`, as
 //!   checkpoints store it.
-//! - `Y` `[max_rows, N_out]` bf16 or f32 row-major; only the rows of each expert's segment are
+//! - `Y` `[rows, N_out]` bf16 or f32 row-major; only the rows of each expert's segment are
 //!   written (padding rows and rows past the total keep their contents).
 //!
 //! Epilogues: plain store; fused SwiGLU for the gate+up projection (`W13 [E, 2I, H]`, gate rows
@@ -151,12 +152,12 @@ pub fn grouped_gemm<O: GemmOutput>(
             ),
         ));
     }
-    let rows = cfg.max_rows();
+    let rows = plan.rows()?;
     let n_local = cfg.num_local();
     if x.len() < rows * k {
         return Err(Error::shape(
             "x",
-            format!("at least {} elements ([max_rows = {rows}, {k}])", rows * k),
+            format!("at least {} elements ([rows = {rows}, {k}])", rows * k),
             x.len(),
         ));
     }
@@ -172,7 +173,7 @@ pub fn grouped_gemm<O: GemmOutput>(
         return Err(Error::shape(
             "y",
             format!(
-                "at least {} elements ([max_rows = {rows}, {n_out}])",
+                "at least {} elements ([rows = {rows}, {n_out}])",
                 rows * n_out
             ),
             y.len(),
@@ -229,7 +230,8 @@ pub fn grouped_gemm<O: GemmOutput>(
         row_map: row_map as *const i32,
         row_weights: ptr_or_null(&scale) as *const f32,
         tile_counter: counter as *mut i32,
-        x_rows: rows as i64,
+        // Every row x holds: the TMA map's bound (tiles read up to 127 rows past a segment).
+        x_rows: (x.len() / k) as i64,
         n: n as i32,
         k: k as i32,
         num_local: n_local as i32,
@@ -249,7 +251,8 @@ pub fn grouped_gemm<O: GemmOutput>(
             Implementation::Oracle => ffi::MOEKIT_GEMM_ORACLE,
         } as i32,
     };
-    // SAFETY: x covers max_rows x k and w num_local x n x k elements, y max_rows x n_out, as
+    // SAFETY: x covers x_rows x k (at least the build's row bound) and w num_local x n x k
+    // elements, y the row bound x n_out, as
     // checked above; x and w are 16-byte aligned for TMA; the plan's buffers have the sizes its
     // config fixes (tiles: 2 x max_tiles, row_map: max_rows) and its build wrote them on a stream
     // ordered before this one by the buffer guards; the routing weights hold tokens x top_k values

@@ -345,6 +345,14 @@ impl RoutingPlan {
         })
     }
 
+    /// Row bound of the last build, `tokens * top_k + num_local * (align - 1)` (at most
+    /// `max_rows`): every permuted row of the build is below it, so buffers of permuted rows need
+    /// this many rows, not `max_rows`.
+    pub fn rows(&self) -> Result<usize> {
+        let t = self.built_tokens()?;
+        Ok(t * self.cfg.top_k + self.cfg.num_local() * (self.cfg.align - 1))
+    }
+
     /// Checks that routing weights for the last build hold `[tokens, top_k]` values.
     pub(crate) fn check_weights(&self, len: usize) -> Result<()> {
         let (t, k) = (self.built_tokens()?, self.cfg.top_k);
@@ -383,13 +391,14 @@ impl ScaleLayout {
 pub struct RowScales<'a, 'b> {
     /// Scales of the token rows, `[tokens, layout.per_row(hidden)]`.
     pub input: CudaView<'a, f32>,
-    /// Scales of the permuted rows, `[max_rows, layout.per_row(hidden)]`.
+    /// Scales of the permuted rows, `[rows, layout.per_row(hidden)]`.
     pub output: CudaViewMut<'b, f32>,
     /// How many scales each row has.
     pub layout: ScaleLayout,
 }
 
-/// Copies token rows `x` `[tokens, hidden]` to their permuted rows in `xp` `[max_rows, hidden]`
+/// Copies token rows `x` `[tokens, hidden]` to their permuted rows in `xp` `[rows, hidden]`
+/// (`rows` ≥ [`RoutingPlan::rows`]; a buffer of `max_rows` rows fits every build)
 /// (any element type: bf16, f16, f32, FP8 as bytes…), zero-filling each segment's padding rows.
 /// Rows past the padded total are not written. With `scales`, the per-row scales move the same way
 /// (padding rows get scale 0).
@@ -413,13 +422,13 @@ pub fn permute<T: DeviceRepr>(
             x.len(),
         ));
     }
-    if xp.len() < cfg.max_rows() * hidden {
+    let rows = plan.rows()?;
+    if xp.len() < rows * hidden {
         return Err(Error::shape(
             "xp",
             format!(
-                "at least {} elements ([max_rows = {}, {hidden}])",
-                cfg.max_rows() * hidden,
-                cfg.max_rows()
+                "at least {} elements ([rows = {rows}, {hidden}])",
+                rows * hidden
             ),
             xp.len(),
         ));
@@ -436,12 +445,12 @@ pub fn permute<T: DeviceRepr>(
                 s.input.len(),
             ));
         }
-        if s.output.len() < cfg.max_rows() * scale_cols {
+        if s.output.len() < rows * scale_cols {
             return Err(Error::shape(
                 "scales.output",
                 format!(
-                    "at least {} elements ([max_rows, {scale_cols}])",
-                    cfg.max_rows() * scale_cols
+                    "at least {} elements ([rows = {rows}, {scale_cols}])",
+                    rows * scale_cols
                 ),
                 s.output.len(),
             ));
@@ -480,9 +489,9 @@ pub fn permute<T: DeviceRepr>(
         align: cfg.align as i32,
         _pad: 0,
     };
-    // SAFETY: x holds tokens rows and xp (and the scale buffers) at least max_rows rows of the
-    // row sizes passed, as checked above; the plan's inverse map only holds rows < max_rows and
-    // its offsets describe segments inside max_rows; guards keep all buffers alive and ordered.
+    // SAFETY: x holds tokens rows and xp (and the scale buffers) at least the build's row bound of
+    // the row sizes passed, as checked above; the plan's inverse map only holds rows below that
+    // bound and its offsets describe segments inside it; guards keep all buffers alive and ordered.
     let status = unsafe { ffi::moekit_permute(&params, raw_stream(stream)) };
     check_status(status, "launching permute")
 }
@@ -490,7 +499,7 @@ pub fn permute<T: DeviceRepr>(
 /// The inputs of [`combine`].
 #[derive(Debug)]
 pub struct CombineInputs<'a, Y, O> {
-    /// Expert outputs in permuted order, `[max_rows, hidden]` (or more rows).
+    /// Expert outputs in permuted order, `[rows, hidden]`, rows ≥ [`RoutingPlan::rows`].
     pub y: CudaView<'a, Y>,
     /// Routing weights `[tokens, top_k]` f32; `None` sums the rows unweighted (for outputs whose
     /// GEMM epilogue already applied the weights).
@@ -540,13 +549,13 @@ pub fn combine<Y: Element, O: Element>(
     if hidden == 0 {
         return Err(Error::invalid("hidden", "must be at least 1"));
     }
-    if inputs.y.len() < cfg.max_rows() * hidden {
+    let rows = plan.rows()?;
+    if inputs.y.len() < rows * hidden {
         return Err(Error::shape(
             "y",
             format!(
-                "at least {} elements ([max_rows = {}, {hidden}])",
-                cfg.max_rows() * hidden,
-                cfg.max_rows()
+                "at least {} elements ([rows = {rows}, {hidden}])",
+                rows * hidden
             ),
             inputs.y.len(),
         ));
@@ -596,7 +605,7 @@ pub fn combine<Y: Element, O: Element>(
         out_dtype: O::DTYPE.code(),
         _pad: 0,
     };
-    // SAFETY: y covers max_rows rows (every row the inverse map can name), weights/shared/residual
+    // SAFETY: y covers the build's row bound (every row the inverse map can name), weights/shared/residual
     // and out have the [tokens, ...] sizes checked above; out is borrowed mutably, so it aliases
     // no input; guards keep the buffers alive and ordered on `stream`.
     let status = unsafe { ffi::moekit_combine(&params, raw_stream(stream)) };

@@ -20,7 +20,8 @@
 typedef struct moekit_grouped_gemm_params {
   const void *x;               /* [x_rows, k] bf16, row-major: permuted activations            */
   const void *w;               /* [num_local, n, k] bf16: each expert's nn.Linear weight [out, in] */
-  void *y;                     /* [x_rows, n_out] out_dtype, n_out = n (n/2 for SWIGLU)         */
+  void *y;                     /* [rows, n_out] out_dtype, n_out = n (n/2 for SWIGLU); rows >= the
+                                  plan's row bound (only segment rows are written)              */
   const int32_t *tiles;        /* plan: [max_tiles][2] (local expert, first row)               */
   const int32_t *num_tiles;    /* plan: [1]                                                    */
   const int32_t *expert_offsets; /* plan: [num_local + 1]                                      */
@@ -28,7 +29,7 @@ typedef struct moekit_grouped_gemm_params {
   const int32_t *row_map;      /* plan: [x_rows] (ROW_SCALE only)                              */
   const float *row_weights;    /* [tokens * top_k] routing weights (ROW_SCALE only)            */
   int32_t *tile_counter;       /* [1] scratch: the launcher zeroes it, the CTAs claim tiles from it */
-  int64_t x_rows;              /* rows of x and y (the plan's max_rows)                         */
+  int64_t x_rows;              /* rows x holds, at least the plan's row bound: TMA reads no further */
   int32_t n;                   /* rows of each expert's weight (for SWIGLU: 2 * intermediate)   */
   int32_t k;                   /* reduction dimension, a multiple of 8                          */
   int32_t num_local;
