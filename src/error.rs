@@ -44,6 +44,14 @@ pub enum Error {
         /// The limit it exceeds.
         limit: String,
     },
+    /// A checkpoint could not be read or does not hold what the call needs.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The crate was compiled without its CUDA kernels (docs-only build).
     #[error(
         "moekit was built without its CUDA kernels (DOCS_RS was set at build time); \

@@ -35,6 +35,7 @@ mod error;
 mod ffi;
 pub mod gating;
 pub mod grouped_gemm;
+pub mod moe;
 pub mod permute;
 pub mod probe;
 pub mod reference;

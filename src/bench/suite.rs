@@ -384,6 +384,37 @@ fn gemm_case(
     ))
 }
 
+/// The whole MoE layer (router through combine) with random weights and the router's routing.
+fn layer_case(
+    ctx: &Context,
+    name: &str,
+    tokens: usize,
+    cfg: crate::moe::MoeConfig,
+) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let (e, k, h, i, s) = (
+        cfg.num_experts() as f64,
+        cfg.top_k() as f64,
+        cfg.hidden as f64,
+        cfg.intermediate as f64,
+        cfg.shared_intermediate as f64,
+    );
+    let t = tokens as f64;
+    let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 6.0 * t * h * s;
+    let mut layer = crate::moe::MoeLayer::random(&stream, cfg.clone(), tokens, 42, |_| {})?;
+    let x = device_normal::<bf16>(&stream, &mut rng(6), tokens * cfg.hidden, 1.0)?;
+    // SAFETY: written by the forwards being timed.
+    let mut out = unsafe { stream.alloc::<bf16>(tokens * cfg.hidden) }?;
+    let st = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        Some(flops),
+        None,
+        Box::new(move |_| layer.forward(&st, &x.as_view(), tokens, &mut out.as_view_mut())),
+    ))
+}
+
 /// Every case of the crate, in report order.
 pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     let mut v = vec![
@@ -432,6 +463,19 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
                     gemm_case(ctx, &name, t, shape, stage, Routing::Uniform)
                 }));
             }
+        }
+    }
+    for (model, cfg) in [
+        ("dsv3", crate::moe::MoeConfig::deepseek_v3()),
+        ("qwen3", crate::moe::MoeConfig::qwen3_30b_a3b()),
+        ("mixtral", crate::moe::MoeConfig::mixtral_8x7b()),
+    ] {
+        for &t in &opts.tokens {
+            let name = format!("{model}/T{t}/layer");
+            let cfg = cfg.clone();
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                layer_case(ctx, &name, t, cfg.clone())
+            }));
         }
     }
     for &t in &opts.tokens {

@@ -4,5 +4,6 @@
 
 pub mod gating;
 pub mod grouped_gemm;
+pub mod moe;
 pub mod permute;
 pub mod probe;
