@@ -87,17 +87,12 @@ struct Workspace {
 pub struct MoeLayer {
     cfg: MoeConfig,
     max_tokens: usize,
-    router: CudaSlice<bf16>,
-    router_bias: Option<CudaSlice<f32>>,
-    correction_bias: Option<CudaSlice<f32>>,
-    w13: CudaSlice<bf16>,
-    w2: CudaSlice<bf16>,
-    shared_w13: Option<CudaSlice<bf16>>,
-    shared_w2: Option<CudaSlice<bf16>>,
+    w: DeviceWeights,
     ws: Workspace,
 }
 
-/// Device weights before the workspace is added.
+/// The weights on the device (the layouts of [`MoeWeights`]).
+#[derive(Debug)]
 struct DeviceWeights {
     router: CudaSlice<bf16>,
     router_bias: Option<CudaSlice<f32>>,
@@ -248,13 +243,7 @@ impl MoeLayer {
         Ok(Self {
             cfg,
             max_tokens,
-            router: w.router,
-            router_bias: w.router_bias,
-            correction_bias: w.correction_bias,
-            w13: w.w13,
-            w2: w.w2,
-            shared_w13: w.shared_w13,
-            shared_w2: w.shared_w2,
+            w,
             ws,
         })
     }
@@ -305,15 +294,15 @@ impl MoeLayer {
             &mut ws.token_plan,
             &GemmProblem::new(e, h),
             x,
-            &self.router,
+            &self.w.router,
             &mut logits,
         )?;
         after(Stage::Router)?;
         let mut inputs = GatingInputs::new(ws.logits.slice(..tokens * e), tokens);
-        if let Some(b) = &self.router_bias {
+        if let Some(b) = &self.w.router_bias {
             inputs = inputs.router_bias(b.as_view());
         }
-        if let Some(b) = &self.correction_bias {
+        if let Some(b) = &self.w.correction_bias {
             inputs = inputs.correction_bias(b.as_view());
         }
         topk_gating(
@@ -382,10 +371,10 @@ impl MoeLayer {
             ));
         }
         let a = stream
-            .clone_dtoh(&self.w13.slice(e * 2 * i * h..(e + 1) * 2 * i * h))
+            .clone_dtoh(&self.w.w13.slice(e * 2 * i * h..(e + 1) * 2 * i * h))
             .during("downloading an expert")?;
         let b = stream
-            .clone_dtoh(&self.w2.slice(e * h * i..(e + 1) * h * i))
+            .clone_dtoh(&self.w.w2.slice(e * h * i..(e + 1) * h * i))
             .during("downloading an expert")?;
         Ok((a, b))
     }
@@ -396,13 +385,13 @@ impl MoeLayer {
         let get = |s: &CudaSlice<bf16>| stream.clone_dtoh(s).during("downloading weights");
         let get32 = |s: &CudaSlice<f32>| stream.clone_dtoh(s).during("downloading weights");
         Ok(MoeWeights {
-            router: get(&self.router)?,
-            router_bias: self.router_bias.as_ref().map(get32).transpose()?,
-            correction_bias: self.correction_bias.as_ref().map(get32).transpose()?,
+            router: get(&self.w.router)?,
+            router_bias: self.w.router_bias.as_ref().map(get32).transpose()?,
+            correction_bias: self.w.correction_bias.as_ref().map(get32).transpose()?,
             w13: Vec::new(),
             w2: Vec::new(),
-            shared_w13: self.shared_w13.as_ref().map(get).transpose()?,
-            shared_w2: self.shared_w2.as_ref().map(get).transpose()?,
+            shared_w13: self.w.shared_w13.as_ref().map(get).transpose()?,
+            shared_w2: self.w.shared_w2.as_ref().map(get).transpose()?,
         })
     }
 
@@ -470,16 +459,16 @@ impl MoeLayer {
         permute(stream, &ws.plan, h, x, &mut ws.xp, None)?;
         after(Stage::Permute)?;
         let up = GemmProblem::new(2 * i, h).epilogue(Epilogue::SwiGlu);
-        grouped_gemm(stream, &mut ws.plan, &up, &ws.xp, &self.w13, &mut ws.act)?;
+        grouped_gemm(stream, &mut ws.plan, &up, &ws.xp, &self.w.w13, &mut ws.act)?;
         after(Stage::GemmUp)?;
         let down = GemmProblem::new(h, i).epilogue(Epilogue::RowScale {
             weights: ws.weights.slice(..tokens * k),
         });
-        grouped_gemm(stream, &mut ws.plan, &down, &ws.act, &self.w2, &mut ws.yd)?;
+        grouped_gemm(stream, &mut ws.plan, &down, &ws.act, &self.w.w2, &mut ws.yd)?;
         after(Stage::GemmDown)?;
         if let (Some(w13), Some(w2), Some(act), Some(y)) = (
-            &self.shared_w13,
-            &self.shared_w2,
+            &self.w.shared_w13,
+            &self.w.shared_w2,
             ws.shared_act.as_mut(),
             ws.shared_out.as_mut(),
         ) {
