@@ -2,7 +2,7 @@
 //!
 //! Hand-written CUDA kernels for sparse Mixture-of-Experts layers on NVIDIA Hopper (H100/H200,
 //! compute capability 9.0): top-k gating, token permutation (routing plan, permute, combine), the grouped
-//! expert GEMM (TMA + WGMMA) and a device bandwidth probe, with a CPU reference of every kernel in [`reference`](mod@reference).
+//! expert GEMM (TMA + WGMMA), MLA latent-KV decompression and a device bandwidth probe, with a CPU reference of every kernel in [`reference`](mod@reference).
 //!
 //! Every launch function takes a cudarc [`CudaStream`](cudarc::driver::CudaStream) and device
 //! buffers ([`CudaSlice`](cudarc::driver::CudaSlice), [`CudaView`](cudarc::driver::CudaView),
@@ -35,6 +35,7 @@ mod error;
 mod ffi;
 pub mod gating;
 pub mod grouped_gemm;
+pub mod mla;
 pub mod moe;
 pub mod permute;
 pub mod probe;

@@ -29,11 +29,19 @@
 #include <type_traits>
 
 #include "device/sm90.cuh"
+#include "device/staging.cuh"
 #include "device/wgmma_ops.cuh"
 #include "moekit/grouped_gemm.h"
 
 namespace moekit {
 namespace gemm {
+
+using sm90::kStageRowBytes;
+using sm90::stage_pair;
+using sm90::staged_chunk;
+using sm90::store_pair;
+using sm90::warpgroup_barrier;
+using sm90::wgmma_tile;
 
 constexpr int kBlockM = MOEKIT_GEMM_BLOCK_M;  // two consumer warpgroups x 64 rows
 constexpr int kBlockK = 64;                   // 64 bf16 = 128 bytes: one swizzle row
@@ -77,39 +85,7 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   return Tile{e, seg + (local % m_tiles) * kBlockM, seg + count, local / m_tiles};
 }
 
-template <int BN>
-__device__ __forceinline__ void wgmma_tile(float (&acc)[BN / 2], uint64_t da, uint64_t db, uint32_t scale_d) {
-  if constexpr (BN == 256) {
-    sm90::wgmma_m64n256k16_bf16(acc, da, db, scale_d);
-  } else if constexpr (BN == 128) {
-    sm90::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
-  } else {
-    static_assert(BN == 64, "BN must be 64, 128 or 256");
-    sm90::wgmma_m64n64k16_bf16(acc, da, db, scale_d);
-  }
-}
-
-__device__ __forceinline__ void store_pair(__nv_bfloat16 *p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
-}
-__device__ __forceinline__ void store_pair(float *p, float a, float b) { *reinterpret_cast<float2 *>(p) = make_float2(a, b); }
-
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-
-// Bytes per row of a consumer's staging buffer: the epilogue writes its 64 x BN outputs in passes
-// of 256 bytes per row (128 bf16 or 64 f32 columns), 16 KB per consumer warpgroup.
-constexpr int kStageRowBytes = 256;
-
-__device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
-
-// Stores one value pair at column `col` (within the pass) of staging row `row`. 16-byte chunks are
-// XOR-swizzled by row so the 8 rows a warp writes at once fall in different banks.
-template <typename OutT>
-__device__ __forceinline__ void stage_pair(uint8_t *buf, int row, int col, float a, float b) {
-  const int byte = col * (int)sizeof(OutT);
-  uint8_t *p = buf + row * kStageRowBytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
-  store_pair(reinterpret_cast<OutT *>(p), a, b);
-}
 
 // Writes one consumer warpgroup's 64 x BN accumulators. Thread (warp w, lane l) holds, for each
 // 8-column block i, rows 16w + l/4 (+8) and columns 8i + 2(l%4) (+1): acc[4i + 2h + {0,1}]. They
@@ -160,7 +136,7 @@ __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const 
       const int row = warp * 16 + 2 * j + lane / 16;
       const int r = row_base + row;
       if (r < tile.row_end && col < a.n_out) {
-        const uint4 v = *reinterpret_cast<const uint4 *>(buf + row * kStageRowBytes + ((chunk ^ (row & 7)) << 4));
+        const uint4 v = staged_chunk(buf, row, chunk);
         if constexpr (kScaleRows) {
           const float s = __ldg(a.row_weights + __ldg(a.row_map + r));
           const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};

@@ -15,5 +15,6 @@
 #include "moekit/gating.h"
 #include "moekit/permute.h"
 #include "moekit/grouped_gemm.h"
+#include "moekit/mla.h"
 
 #endif

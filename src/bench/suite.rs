@@ -12,6 +12,10 @@ use super::{time_iters, time_launches, CaseResult};
 use crate::error::{DuringExt, Result};
 use crate::gating::{topk_gating, GatingConfig, GatingInputs, ScoreFunction};
 use crate::grouped_gemm::{grouped_gemm, Epilogue, GemmProblem, BLOCK_M};
+use crate::mla::{
+    decompress, write_fresh_tokens, DecompressProblem, FreshTokens, LatentNorm, LatentSource,
+    MlaDims, MlaWorkspace, PagedCache, RopeConfig,
+};
 use crate::permute::{combine, permute, CombineInputs, PlanConfig, RoutingPlan};
 use crate::testing::{device_normal, rng, routing, Routing};
 use crate::Context;
@@ -415,6 +419,125 @@ fn layer_case(
     ))
 }
 
+/// MLA decompression of `tokens` tokens with `heads` heads (DeepSeek dims) from contiguous cache
+/// rows, or with `block_size` from a paged cache: 8 equal sequences at unaligned starts through a
+/// shuffled block table. FLOPs and bytes as torch_anchors.py counts them.
+fn mla_case(
+    ctx: &Context,
+    name: &str,
+    tokens: usize,
+    heads: usize,
+    block_size: Option<usize>,
+) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let dims = MlaDims::deepseek_v3(heads);
+    let row = dims.cache_row();
+    let mut r = rng(7);
+    let w = device_normal::<bf16>(
+        &stream,
+        &mut r,
+        dims.kv_b_proj_rows() * dims.kv_lora_rank,
+        0.02,
+    )?;
+    let p = DecompressProblem::new(dims, tokens);
+    // SAFETY: written by the decompressions being timed.
+    let mut k = unsafe { stream.alloc::<bf16>(tokens * heads * dims.k_head_dim()) }?;
+    // SAFETY: as above.
+    let mut v = unsafe { stream.alloc::<bf16>(tokens * heads * dims.v_head_dim) }?;
+    let mut ws = MlaWorkspace::new(&stream, tokens)?;
+    let t = tokens as f64;
+    let flops = dims.decompress_flops(tokens);
+    let bytes = 2.0
+        * (t * row as f64
+            + (dims.kv_b_proj_rows() * dims.kv_lora_rank) as f64
+            + t * (heads * (dims.k_head_dim() + dims.v_head_dim)) as f64);
+    let s = stream.clone();
+    let launch: Launch = match block_size {
+        None => {
+            let cache = device_normal::<bf16>(&stream, &mut r, tokens * row, 1.0)?;
+            Box::new(move |_| {
+                let source = LatentSource::cache_rows(&cache, &dims);
+                decompress(&s, &p, &source, &w, &mut k, &mut v, &mut ws)
+            })
+        }
+        Some(bs) => {
+            let seqs = 8;
+            let per_seq = tokens.div_ceil(seqs);
+            let starts: Vec<i32> = (0..seqs).map(|i| (i * 37 % bs) as i32).collect();
+            let blocks_per_seq = (bs + per_seq).div_ceil(bs);
+            let num_blocks = seqs * blocks_per_seq;
+            let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
+            rand::seq::SliceRandom::shuffle(pool.as_mut_slice(), &mut r);
+            let cu: Vec<i32> = (0..=seqs)
+                .map(|i| (i * per_seq).min(tokens) as i32)
+                .collect();
+            let cache = device_normal::<bf16>(&stream, &mut r, num_blocks * bs * row, 1.0)?;
+            let table = stream.clone_htod(&pool)?;
+            let cu = stream.clone_htod(&cu)?;
+            let starts = stream.clone_htod(&starts)?;
+            Box::new(move |_| {
+                let source = LatentSource::Paged(PagedCache {
+                    cache: cache.slice(..),
+                    block_size: bs,
+                    block_table: table.slice(..),
+                    max_blocks_per_seq: blocks_per_seq,
+                    cu_seqlens: cu.slice(..),
+                    seq_starts: Some(starts.slice(..)),
+                });
+                decompress(&s, &p, &source, &w, &mut k, &mut v, &mut ws)
+            })
+        }
+    };
+    Ok(case(ctx, name, Some(flops), Some(bytes), launch))
+}
+
+/// The fresh-token cache write (RMSNorm + RoPE) of `tokens` DeepSeek tokens into shuffled slots.
+fn fresh_case(ctx: &Context, name: &str, tokens: usize) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let dims = MlaDims::deepseek_v3(1);
+    let row = dims.cache_row();
+    let mut r = rng(8);
+    let kv_a = device_normal::<bf16>(&stream, &mut r, tokens * row, 1.0)?;
+    let gamma = device_normal::<bf16>(&stream, &mut r, dims.kv_lora_rank, 1.0)?;
+    let positions: Vec<i64> = (0..tokens as i64).map(|i| (i * 7919) % 163_840).collect();
+    let mut slots: Vec<i64> = (0..tokens as i64).collect();
+    rand::seq::SliceRandom::shuffle(slots.as_mut_slice(), &mut r);
+    let positions = stream.clone_htod(&positions)?;
+    let slots = stream.clone_htod(&slots)?;
+    // SAFETY: written by the launches being timed (every slot is a token's).
+    let mut cache = unsafe { stream.alloc::<bf16>(tokens * row) }?;
+    let rope = RopeConfig::deepseek_v3();
+    let bytes = 2.0 * (2 * tokens * row + dims.kv_lora_rank) as f64 + 16.0 * tokens as f64;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(bytes),
+        Box::new(move |_| {
+            let input = FreshTokens {
+                kv_a: kv_a.slice(..),
+                kv_a_stride: row,
+                positions: positions.slice(..),
+                tokens,
+            };
+            let norm = LatentNorm {
+                gamma: gamma.slice(..),
+                eps: 1e-6,
+            };
+            write_fresh_tokens(
+                &s,
+                &dims,
+                &input,
+                &norm,
+                &rope,
+                &mut cache,
+                Some(&slots.slice(..)),
+            )
+        }),
+    ))
+}
+
 /// Every case of the crate, in report order.
 pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     let mut v = vec![
@@ -489,6 +612,29 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
                 GemmStage::Up,
                 Routing::Zipf(1.2),
             )
+        }));
+    }
+    for t in [1024, 8192, 32768] {
+        let name = format!("mla/T{t}/decompress");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            mla_case(ctx, &name, t, 128, None)
+        }));
+        let name = format!("mla/T{t}/decompress-paged64");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            mla_case(ctx, &name, t, 128, Some(64))
+        }));
+    }
+    for heads in [16, 12] {
+        let t = 8192;
+        let name = format!("mla/T{t}/decompress-H{heads}");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            mla_case(ctx, &name, t, heads, None)
+        }));
+    }
+    for t in [4096, 16384] {
+        let name = format!("mla/T{t}/fresh-tokens");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            fresh_case(ctx, &name, t)
         }));
     }
     let t = opts.sweep_tokens;

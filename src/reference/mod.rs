@@ -4,6 +4,7 @@
 
 pub mod gating;
 pub mod grouped_gemm;
+pub mod mla;
 pub mod moe;
 pub mod permute;
 pub mod probe;

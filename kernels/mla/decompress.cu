@@ -1,0 +1,185 @@
+// C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table), then
+// the WGMMA kernel as its programmatic dependent, or the simple FMA oracle.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "decompress_sm90.cuh"
+#include "device/launch.cuh"
+#include "moekit.h"
+
+namespace moekit {
+namespace mla {
+
+// The cache row of token t under the paged addressing of moekit_mla_decompress_params, or -1 when
+// the table does not map it (every bad device-side value lands here instead of out of bounds).
+__device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params &p, int t) {
+  // The last sequence b whose first token is <= t.
+  int lo = 0, hi = p.num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.cu_seqlens[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int b = lo;
+  const int first = p.cu_seqlens[b];
+  if (t < first || t >= p.cu_seqlens[b + 1]) return -1;
+  const int64_t pos = (int64_t)(p.seq_starts != nullptr ? p.seq_starts[b] : 0) + (t - first);
+  if (pos < 0 || pos / p.block_size >= p.max_blocks_per_seq) return -1;
+  const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
+  if (block < 0 || block >= p.num_rows / p.block_size) return -1;
+  return block * p.block_size + pos % p.block_size;
+}
+
+__device__ __forceinline__ int64_t oracle_row(const moekit_mla_decompress_params &p, int t) {
+  if (p.block_table != nullptr) return paged_row(p, t);
+  return t < p.num_rows ? t : -1;
+}
+
+// Zeroes the WGMMA kernel's tile counter and, for a paged source, resolves every token's cache row
+// once (the WGMMA kernel's producer and consumers both need it, per tile).
+__global__ void prepare_kernel(const moekit_mla_decompress_params p) {
+  allow_next_grid();  // the WGMMA kernel waits for this grid's completion before reading its output
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
+  if (p.block_table != nullptr && t < p.tokens) p.row_src[t] = (int32_t)paged_row(p, t);
+}
+
+// One thread per output element of K or V; the dot product over r in f32. Slow and obviously
+// right: the WGMMA kernel's test oracle.
+__global__ void decompress_oracle_kernel(const moekit_mla_decompress_params p) {
+  const int k_dim = p.d_nope + p.d_rope;
+  const int cols = k_dim + p.d_v;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (int64_t)p.tokens * p.heads * cols) return;
+  const int col = (int)(i % cols);
+  const int h = (int)((i / cols) % p.heads);
+  const int t = (int)(i / ((int64_t)cols * p.heads));
+  const int64_t src = oracle_row(p, t);
+  const __nv_bfloat16 *latent = static_cast<const __nv_bfloat16 *>(p.latent);
+  const __nv_bfloat16 *k_pe = static_cast<const __nv_bfloat16 *>(p.k_pe);
+  const __nv_bfloat16 *w = static_cast<const __nv_bfloat16 *>(p.w);
+  auto dot = [&](int w_row) {
+    if (src < 0) return 0.0f;
+    const __nv_bfloat16 *x = latent + src * p.latent_stride;
+    const __nv_bfloat16 *wr = w + ((int64_t)h * (p.d_nope + p.d_v) + w_row) * p.rank;
+    float s = 0.0f;
+    for (int c = 0; c < p.rank; ++c) s = fmaf(__bfloat162float(x[c]), __bfloat162float(wr[c]), s);
+    return s;
+  };
+  __nv_bfloat16 *k = static_cast<__nv_bfloat16 *>(p.k);
+  __nv_bfloat16 *v = static_cast<__nv_bfloat16 *>(p.v);
+  if (col < p.d_nope) {
+    k[t * p.k_token_stride + h * p.k_head_stride + col] = __float2bfloat16_rn(dot(col));
+  } else if (col < k_dim) {
+    const int c = col - p.d_nope;
+    k[t * p.k_token_stride + h * p.k_head_stride + col] =
+        src < 0 ? __float2bfloat16_rn(0.0f) : k_pe[src * p.k_pe_stride + c];
+  } else {
+    const int c = col - k_dim;
+    v[t * p.v_token_stride + h * p.v_head_stride + c] = __float2bfloat16_rn(dot(p.d_nope + c));
+  }
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link-time libcuda.
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void *ptr = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return (PFN_cuTensorMapEncodeTiled_v12000) nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// kv_b_proj [heads * 256, r] read in boxes of 256 rows (one head) x 64 with the 128-byte swizzle.
+static bool make_weight_map(CUtensorMap *map, const void *w, int64_t rows, int32_t rank) {
+  auto encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)rank, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)rank * 2};
+  const cuuint32_t box[2] = {(cuuint32_t)kBlockK, (cuuint32_t)kBlockN};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(w), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Whether the WGMMA kernel handles these dimensions (the Rust side reports the limits).
+static bool wgmma_supports(const moekit_mla_decompress_params &p) {
+  return p.d_nope == kHeadDim && p.d_v == kHeadDim && p.d_rope <= kMaxRope && p.d_rope % 8 == 0 &&
+         p.rank % kBlockK == 0 && p.latent_stride % 8 == 0 && p.k_pe_stride % 8 == 0 && p.k_token_stride % 8 == 0 &&
+         p.k_head_stride % 8 == 0 && p.v_token_stride % 8 == 0 && p.v_head_stride % 8 == 0 &&
+         p.tile_counter != nullptr;
+}
+
+static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_stream stream) {
+  if (!wgmma_supports(p)) return MOEKIT_ERR_UNSUPPORTED;
+  CUtensorMap map_w;
+  if (!make_weight_map(&map_w, p.w, (int64_t)p.heads * kBlockN, p.rank)) return MOEKIT_ERR_UNSUPPORTED;
+  Args a;
+  a.latent = static_cast<const __nv_bfloat16 *>(p.latent);
+  a.k_pe = static_cast<const __nv_bfloat16 *>(p.k_pe);
+  a.latent_stride = p.latent_stride;
+  a.k_pe_stride = p.k_pe_stride;
+  a.num_rows = p.num_rows;
+  a.row_src = p.block_table != nullptr ? p.row_src : nullptr;
+  a.k = static_cast<__nv_bfloat16 *>(p.k);
+  a.v = static_cast<__nv_bfloat16 *>(p.v);
+  a.k_token_stride = p.k_token_stride;
+  a.k_head_stride = p.k_head_stride;
+  a.v_token_stride = p.v_token_stride;
+  a.v_head_stride = p.v_head_stride;
+  a.tile_counter = p.tile_counter;
+  a.tokens = p.tokens;
+  a.heads = p.heads;
+  a.rank = p.rank;
+  a.d_rope = p.d_rope;
+
+  const int prepare_threads = 256;
+  const int prepare_blocks = p.block_table != nullptr ? (int)ceil_div(p.tokens, prepare_threads) : 1;
+  prepare_kernel<<<prepare_blocks, prepare_threads, 0, stream>>>(p);
+  MOEKIT_TRY_LAUNCH();
+
+  constexpr size_t smem = smem_bytes();
+  MOEKIT_TRY(allow_dynamic_smem(decompress_wgmma_kernel, smem));
+  const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));
+  MOEKIT_TRY(launch_dependent(decompress_wgmma_kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, a));
+  return MOEKIT_OK;
+}
+
+static moekit_status run_oracle(const moekit_mla_decompress_params &p, moekit_stream stream) {
+  const int64_t n = (int64_t)p.tokens * p.heads * (p.d_nope + p.d_rope + p.d_v);
+  decompress_oracle_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(p);
+  return last_launch_status();
+}
+
+}  // namespace mla
+}  // namespace moekit
+
+extern "C" moekit_status moekit_mla_decompress(const moekit_mla_decompress_params *p, moekit_stream stream) {
+  using namespace moekit::mla;
+  if (p == nullptr || p->tokens < 0 || p->heads < 1 || p->rank < 1 || p->d_nope < 1 || p->d_v < 1 ||
+      p->d_rope < 0 || p->latent == nullptr || p->w == nullptr || p->k == nullptr || p->v == nullptr ||
+      (p->d_rope > 0 && p->k_pe == nullptr) || p->num_rows < 0 ||
+      (p->block_table != nullptr &&
+       (p->cu_seqlens == nullptr || p->row_src == nullptr || p->num_seqs < 1 || p->block_size < 1 ||
+        p->max_blocks_per_seq < 1))) {
+    return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  if (p->tokens == 0) return MOEKIT_OK;
+  if (p->implementation == MOEKIT_MLA_ORACLE) return run_oracle(*p, stream);
+  if (p->implementation == MOEKIT_MLA_WGMMA) return run_wgmma(*p, stream);
+  return MOEKIT_ERR_INVALID_ARGUMENT;
+}
