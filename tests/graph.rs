@@ -1,5 +1,6 @@
-//! A whole routing step (gating → plan → permute → combine) captured in a CUDA graph and replayed
-//! on new inputs equals eager execution: nothing synchronizes with the host or bakes in a size.
+//! A whole routing step (gating → plan → permute → combine), and an MLA step (fresh tokens →
+//! paged decompression), captured in a CUDA graph and replayed on new inputs, equal eager
+//! execution: nothing synchronizes with the host or bakes in a size.
 //! Its own test binary, because it turns off cudarc's cross-stream event tracking for the context.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -81,4 +82,122 @@ fn captured_routing_step_replays_like_eager() {
         "graph replay differs from eager execution"
     );
     assert!(eager.iter().any(|v| v.to_f32() != 0.0));
+}
+
+#[test]
+fn captured_mla_step_replays_like_eager() {
+    use moekit::mla::{
+        decompress, write_fresh_tokens, DecompressProblem, FreshTokens, LatentNorm, LatentSource,
+        MlaDims, MlaWorkspace, PagedCache, RopeConfig,
+    };
+    let Some(ctx) = gpu("captured_mla_step_replays_like_eager") else {
+        return;
+    };
+    // SAFETY: as in the routing test: one stream for everything.
+    unsafe { ctx.cuda().disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let dims = MlaDims::deepseek_v3(16);
+    let (t, row, block) = (200usize, dims.cache_row(), 16usize);
+    let blocks = t.div_ceil(block) + 1;
+    let mut r = rng(12);
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let kv_a_a = to_bf16(&normal_vec(&mut r, t * row, 1.0));
+    let kv_a_b = to_bf16(&normal_vec(&mut r, t * row, 1.0));
+    let gamma = s
+        .clone_htod(&to_bf16(&normal_vec(&mut r, dims.kv_lora_rank, 1.0)))
+        .unwrap();
+    let w = s
+        .clone_htod(&to_bf16(&normal_vec(
+            &mut r,
+            dims.kv_b_proj_rows() * dims.kv_lora_rank,
+            0.05,
+        )))
+        .unwrap();
+    // One sequence at position 5 in reversed blocks; slots follow the same table.
+    let table: Vec<i32> = (0..blocks as i32).rev().collect();
+    let slots: Vec<i64> = (0..t)
+        .map(|i| {
+            let p = 5 + i;
+            (table[p / block] as usize * block + p % block) as i64
+        })
+        .collect();
+    let positions: Vec<i64> = (0..t as i64).map(|i| 5 + i).collect();
+    let table = s.clone_htod(&table).unwrap();
+    let cu = s.clone_htod(&[0i32, t as i32]).unwrap();
+    let starts = s.clone_htod(&[5i32]).unwrap();
+    let slots = s.clone_htod(&slots).unwrap();
+    let positions = s.clone_htod(&positions).unwrap();
+    let mut kv_a = s.clone_htod(&kv_a_a).unwrap();
+    let mut cache = s.alloc_zeros::<bf16>(blocks * block * row).unwrap();
+    let p = DecompressProblem::new(dims, t);
+    let mut k = s.alloc_zeros::<bf16>(t * 16 * dims.k_head_dim()).unwrap();
+    let mut v = s.alloc_zeros::<bf16>(t * 16 * dims.v_head_dim).unwrap();
+    let mut ws = MlaWorkspace::new(&s, t).unwrap();
+    let rope = RopeConfig::deepseek_v3();
+
+    let mut step = |s: &std::sync::Arc<cudarc::driver::CudaStream>,
+                    kv_a: &cudarc::driver::CudaSlice<bf16>,
+                    cache: &mut cudarc::driver::CudaSlice<bf16>,
+                    k: &mut cudarc::driver::CudaSlice<bf16>,
+                    v: &mut cudarc::driver::CudaSlice<bf16>| {
+        let input = FreshTokens {
+            kv_a: kv_a.slice(..),
+            kv_a_stride: row,
+            positions: positions.slice(..),
+            tokens: t,
+        };
+        let norm = LatentNorm {
+            gamma: gamma.slice(..),
+            eps: 1e-6,
+        };
+        write_fresh_tokens(
+            s,
+            &dims,
+            &input,
+            &norm,
+            &rope,
+            cache,
+            Some(&slots.slice(..)),
+        )
+        .unwrap();
+        let source = LatentSource::Paged(PagedCache {
+            cache: cache.slice(..),
+            block_size: block,
+            block_table: table.slice(..),
+            max_blocks_per_seq: blocks,
+            cu_seqlens: cu.slice(..),
+            seq_starts: Some(starts.slice(..)),
+        });
+        decompress(s, &p, &source, &w, k, v, &mut ws).unwrap();
+    };
+
+    // Eager on inputs B.
+    let kv_b = s.clone_htod(&kv_a_b).unwrap();
+    let mut cache_e = s.alloc_zeros::<bf16>(blocks * block * row).unwrap();
+    let mut k_e = s.alloc_zeros::<bf16>(t * 16 * dims.k_head_dim()).unwrap();
+    let mut v_e = s.alloc_zeros::<bf16>(t * 16 * dims.v_head_dim).unwrap();
+    step(&s, &kv_b, &mut cache_e, &mut k_e, &mut v_e);
+    let (ke, ve) = (s.clone_dtoh(&k_e).unwrap(), s.clone_dtoh(&v_e).unwrap());
+
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    step(&s, &kv_a, &mut cache, &mut k, &mut v);
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    s.memcpy_htod(&kv_a_b, &mut kv_a).unwrap();
+    graph.launch().unwrap();
+    s.synchronize().unwrap();
+    let (kr, vr) = (s.clone_dtoh(&k).unwrap(), s.clone_dtoh(&v).unwrap());
+    let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(
+        same(&ke, &kr),
+        "K: graph replay differs from eager execution"
+    );
+    assert!(
+        same(&ve, &vr),
+        "V: graph replay differs from eager execution"
+    );
+    assert!(ke.iter().any(|x| x.to_f32() != 0.0));
 }
