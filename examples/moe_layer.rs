@@ -166,7 +166,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     &w.as_view(),
                     &mut out.as_view_mut(),
                 )?;
-                after(Stage::Combine)
+                Ok(())
             }
             None => layer.forward_with(&s, &x.as_view(), t, &mut out.as_view_mut(), after),
         }
@@ -180,7 +180,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // host's enqueue time is not measured.
     let mut samples: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     let mut totals = Vec::new();
-    for _ in 0..args.reps {
+    let reps = args.reps.max(1);
+    for _ in 0..reps {
         probe::busy_wait(&s, 3000.0)?;
         let start = event(&s)?;
         start.record(&s)?;
@@ -191,6 +192,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             marks.push((stage, ev));
             Ok(())
         })?;
+        let end = event(&s)?;
+        end.record(&s)?;
         s.synchronize()?;
         let mut prev = &start;
         for (stage, ev) in &marks {
@@ -200,7 +203,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .push(prev.elapsed_ms(ev)? as f64 * 1e3);
             prev = ev;
         }
-        totals.push(start.elapsed_ms(prev)? as f64 * 1e3);
+        totals.push(start.elapsed_ms(&end)? as f64 * 1e3);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -219,7 +222,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ..Roofline::default()
     };
     println!("{}", moekit::bench::header());
-    for stage in Stage::ALL {
+    // With a synthetic routing the forward skips the router and gating and records no stage
+    // events: only the whole (routed) layer is reported.
+    for stage in Stage::ALL.into_iter().filter(|_| synthetic.is_none()) {
         let name = stage.name();
         let Some(v) = samples.get_mut(name) else {
             continue;
@@ -233,9 +238,17 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         println!("{}", r.line(&roof));
     }
-    let total_flops: f64 = costs.values().map(|c| c.0).sum();
+    let total_flops: f64 = costs
+        .iter()
+        .filter(|(name, _)| synthetic.is_none() || !matches!(**name, "router" | "gating"))
+        .map(|(_, c)| c.0)
+        .sum();
     let total = CaseResult {
-        case: format!("{model}/T{t}/layer"),
+        case: if synthetic.is_some() {
+            format!("{model}/T{t}/layer-routed")
+        } else {
+            format!("{model}/T{t}/layer")
+        },
         median_us: median(&mut totals),
         flops: Some(total_flops),
         bytes: None,
@@ -250,7 +263,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .end_capture(sys::CUgraphInstantiate_flags(0))?
             .ok_or("empty graph")?;
         graph.launch()?;
-        let timing = moekit::bench::time_launches(&gs, 2, args.reps, |_| Ok(graph.launch()?))?;
+        let timing = moekit::bench::time_launches(&gs, 2, reps, |_| Ok(graph.launch()?))?;
         println!(
             "{:<44} {:>10.2}   (CUDA graph replay)",
             format!("{model}/T{t}/layer"),

@@ -152,7 +152,9 @@ pub fn max_rel_error(out: &[f32], reference: &[f64], floor: f64) -> (f64, usize)
 }
 
 /// A device buffer of `n` standard-normal values × `scale`, converted to `T`. To stay fast for
-/// gigabyte buffers, one random block of up to 4 Mi values is generated on the host and repeated.
+/// gigabyte buffers, one random block of up to 2²² − 3 values (a prime) is generated on the host
+/// and repeated. The prime length matters: a 2²² block repeated exactly once per DeepSeek-V3 expert
+/// (7 · 2²² weights) gave every expert the same weights, so a wrong expert index went unnoticed.
 pub fn device_normal<T: crate::Element>(
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
     rng: &mut impl Rng,
@@ -160,7 +162,7 @@ pub fn device_normal<T: crate::Element>(
     scale: f32,
 ) -> crate::Result<cudarc::driver::CudaSlice<T>> {
     use crate::error::DuringExt;
-    let block: Vec<T> = normal_vec(rng, n.min(1 << 22), scale)
+    let block: Vec<T> = normal_vec(rng, n.min((1 << 22) - 3), scale)
         .into_iter()
         .map(T::from_f32)
         .collect();

@@ -631,6 +631,85 @@ fn gpu_layer_graph_replay_equals_eager() {
     );
 }
 
+/// The token count changes between forwards, eagerly and across graphs captured at two sizes and
+/// replayed alternately: every forward must rebuild what depends on T (a host-side "built for T"
+/// cache once made a replayed graph use the other size's token plan). Rows are computed
+/// independently, so the first 37 rows of a 300-token forward equal a 37-token forward bitwise.
+#[test]
+fn gpu_layer_token_count_changes() {
+    let Some(ctx) = gpu("gpu_layer_token_count_changes") else {
+        return;
+    };
+    // SAFETY: one stream for everything in this test.
+    unsafe { ctx.cuda().disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let (_, cfg) = small_presets().remove(0);
+    let w = small(cfg.clone(), 6);
+    let (big, small_t, h) = (300, 37, cfg.hidden);
+    let mut layer = MoeLayer::new(&s, cfg.clone(), &w, big).unwrap();
+    let x: Vec<bf16> = normal_vec(&mut rng(3), big * h, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let d_x = s.clone_htod(&x).unwrap();
+    let run = |layer: &mut MoeLayer, t: usize| {
+        let mut out = s.alloc_zeros::<bf16>(t * h).unwrap();
+        layer
+            .forward(&s, &d_x.slice(..t * h), t, &mut out.as_view_mut())
+            .unwrap();
+        s.clone_dtoh(&out).unwrap()
+    };
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let a = run(&mut layer, big);
+    let b = run(&mut layer, small_t);
+    let c = run(&mut layer, big);
+    assert_eq!(
+        bits(&a),
+        bits(&c),
+        "T=300 after T=37 differs from the first T=300"
+    );
+    assert_eq!(
+        bits(&b),
+        bits(&a[..small_t * h]),
+        "T=37 differs from the first 37 rows of T=300"
+    );
+    // Graphs of both sizes, captured in an order where the second capture's T was the last eager T.
+    let capture = |layer: &mut MoeLayer, t: usize| {
+        let mut out = s.alloc_zeros::<bf16>(t * h).unwrap();
+        s.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+        layer
+            .forward(&s, &d_x.slice(..t * h), t, &mut out.as_view_mut())
+            .unwrap();
+        let g = s
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("a graph");
+        (g, out)
+    };
+    let (g_small, out_small) = capture(&mut layer, small_t);
+    let (g_big, out_big) = capture(&mut layer, big);
+    for _ in 0..2 {
+        g_small.launch().unwrap();
+        g_big.launch().unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&out_big).unwrap()),
+            bits(&a),
+            "T=300 graph replay"
+        );
+        g_small.launch().unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&out_small).unwrap()),
+            bits(&b),
+            "T=37 graph replay"
+        );
+    }
+}
+
 #[test]
 fn bad_layer_inputs_are_refused() {
     let cfg = MoeConfig {

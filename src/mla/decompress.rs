@@ -203,7 +203,7 @@ pub fn decompress(
             ),
             format!(
                 "d_nope = d_v = {WGMMA_HEAD_DIM}, d_rope a multiple of 8 up to {WGMMA_MAX_ROPE}, \
-                 r a multiple of 64; Implementation::Oracle runs any dims"
+                 r a multiple of 64; Implementation::Oracle runs other dims (multiples of 8)"
             ),
         ));
     }

@@ -209,7 +209,7 @@ pub enum Implementation {
     /// [`MlaDims::wgmma_supported`]).
     #[default]
     Wgmma,
-    /// One thread per output element, f32 FMA: slow, any dims, for tests.
+    /// One thread per output element, f32 FMA: slow, for tests; any dims that pass validation.
     Oracle,
 }
 

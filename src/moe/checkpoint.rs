@@ -253,6 +253,23 @@ impl Checkpoint {
             .collect())
     }
 
+    /// Fused 3-D expert tensors come only in 16/32-bit dtypes in published checkpoints; an FP8
+    /// one would need per-expert block scales this loader does not read, so it is refused rather
+    /// than loaded unscaled.
+    fn reject_fp8_fused(&self, name: &str, t: &RawTensor) -> Result<()> {
+        if matches!(t.dtype, StDtype::F8_E4M3 | StDtype::F8_E5M2) {
+            return Err(err(
+                &self.dir,
+                format!(
+                    "{name} is a fused FP8 expert tensor ({:?}); only per-expert FP8 weights with \
+                     weight_scale_inv are supported",
+                    t.dtype
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn usize_key(&self, keys: &[&str]) -> Option<usize> {
         keys.iter()
             .find_map(|k| self.config.get(*k).and_then(Value::as_u64))
@@ -339,8 +356,18 @@ impl Checkpoint {
             .unwrap_or(1.0) as f32;
         let n_group = self.usize_key(&["n_group"]).unwrap_or(1);
         let topk_group = self.usize_key(&["topk_group"]).unwrap_or(1);
-        let scoring = self.config["scoring_func"].as_str().unwrap_or("softmax");
-        let topk_method = self.config["topk_method"].as_str().unwrap_or("greedy");
+        // Defaults of the Hugging Face config classes when a key is absent (minimal configs):
+        // DeepseekV3Config routes by sigmoid + noaux_tc and renormalizes; DeepseekV2Config by
+        // softmax + greedy without renormalizing; Qwen3MoeConfig does not renormalize.
+        let v3 = model_type == "deepseek_v3";
+        let scoring =
+            self.config["scoring_func"]
+                .as_str()
+                .unwrap_or(if v3 { "sigmoid" } else { "softmax" });
+        let topk_method =
+            self.config["topk_method"]
+                .as_str()
+                .unwrap_or(if v3 { "noaux_tc" } else { "greedy" });
         let score = match scoring {
             "softmax" => ScoreFunction::Softmax,
             "sigmoid" => ScoreFunction::Sigmoid,
@@ -359,13 +386,13 @@ impl Checkpoint {
         };
         let (renormalize, routed_scaling_factor) = match model_type.as_str() {
             "mixtral" => (true, 1.0),
-            "qwen3_moe" => (bool_key("norm_topk_prob", true), 1.0),
+            "qwen3_moe" => (bool_key("norm_topk_prob", false), 1.0),
             // DeepSeek-V2's MoEGate scales only when it does not renormalize; V3 always scales.
             "deepseek_v2" => {
                 let norm = bool_key("norm_topk_prob", false) && top_k > 1;
                 (norm, if norm { 1.0 } else { scale })
             }
-            _ => (bool_key("norm_topk_prob", false) && top_k > 1, scale),
+            _ => (bool_key("norm_topk_prob", v3) && top_k > 1, scale),
         };
         let shared = if model_type.starts_with("deepseek") {
             self.usize_key(&["n_shared_experts"]).unwrap_or(0) * intermediate
@@ -436,6 +463,7 @@ impl Checkpoint {
             };
             let gu_name = name("gate_up_proj");
             let gu = self.tensor(&gu_name)?;
+            self.reject_fp8_fused(&gu_name, &gu)?;
             let gu_vals = gu
                 .to_f32()
                 .map_err(|e| err(&self.dir, format!("{gu_name}: {e}")))?;
@@ -462,6 +490,7 @@ impl Checkpoint {
             }
             let d_name = name("down_proj");
             let d = self.tensor(&d_name)?;
+            self.reject_fp8_fused(&d_name, &d)?;
             let d_vals = d
                 .to_f32()
                 .map_err(|e| err(&self.dir, format!("{d_name}: {e}")))?;

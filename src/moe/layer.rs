@@ -69,7 +69,6 @@ struct Workspace {
     token_ids: CudaSlice<i32>,
     /// One expert, k = 1: row r is token r (router and shared-expert GEMMs).
     token_plan: RoutingPlan,
-    token_plan_tokens: Option<usize>,
     plan: RoutingPlan,
     logits: CudaSlice<f32>,
     ids: CudaSlice<i32>,
@@ -217,7 +216,6 @@ impl MoeLayer {
                 stream,
                 PlanConfig::new(max_tokens, 1, 1).block_m(BLOCK_M),
             )?,
-            token_plan_tokens: None,
             plan: RoutingPlan::new(stream, plan_cfg)?,
             logits: stream
                 .alloc_zeros::<f32>(max_tokens * e)
@@ -285,7 +283,7 @@ impl MoeLayer {
             return Ok(());
         }
         let (e, k, h) = (self.cfg.num_experts(), self.cfg.top_k(), self.cfg.hidden);
-        self.ensure_token_plan(stream, tokens)?;
+        self.build_token_plan(stream, tokens)?;
         // Router: a one-expert grouped GEMM over the token rows, f32 out.
         let ws = &mut self.ws;
         let mut logits = ws.logits.slice_mut(..tokens * e);
@@ -340,7 +338,7 @@ impl MoeLayer {
         if tokens == 0 {
             return Ok(());
         }
-        self.ensure_token_plan(stream, tokens)?;
+        self.build_token_plan(stream, tokens)?;
         stream
             .memcpy_dtod(ids, &mut self.ws.ids.slice_mut(..tokens * k))
             .during("copying the routing")?;
@@ -428,14 +426,13 @@ impl MoeLayer {
         Ok(())
     }
 
-    /// The token plan depends on T alone: rebuilt only when T changes.
-    fn ensure_token_plan(&mut self, stream: &Arc<CudaStream>, tokens: usize) -> Result<()> {
-        if self.ws.token_plan_tokens != Some(tokens) {
-            let ids = self.ws.token_ids.slice(..tokens);
-            self.ws.token_plan.build(stream, &ids, tokens)?;
-            self.ws.token_plan_tokens = Some(tokens);
-        }
-        Ok(())
+    /// Builds the token plan (one expert holding rows 0..T) for this forward. It depends on T
+    /// alone, but it is rebuilt every forward: a host-side "already built for T" flag would be
+    /// wrong under CUDA graphs (a graph captured at T without the build replays whatever plan the
+    /// device holds then). Three small kernels, a few µs.
+    fn build_token_plan(&mut self, stream: &Arc<CudaStream>, tokens: usize) -> Result<()> {
+        let ids = self.ws.token_ids.slice(..tokens);
+        self.ws.token_plan.build(stream, &ids, tokens)
     }
 
     /// Plan, permute, the two grouped GEMMs, the shared expert and combine.

@@ -5,8 +5,19 @@ use half::bf16;
 
 use crate::mla::{MlaDims, RopeConfig, RopeStyle};
 
-fn round_bf16(x: f64) -> f32 {
-    bf16::from_f64(x).to_f32()
+/// f64 → bf16, correctly rounded (to nearest, ties to even). `half`'s `bf16::from_f64` truncates
+/// the f64 to 32 bits first, which turns values just above a tie into ties (1 + 2⁻⁸ + 2⁻³⁰ → 1.0).
+/// Here the f64 goes to f32 with round-to-odd (truncate, then set the last bit if anything was
+/// dropped), which keeps the final f32 → bf16 rounding exact.
+pub fn round_bf16(x: f64) -> f32 {
+    let mut f = x as f32;
+    if f.is_finite() && f as f64 != x {
+        if (f as f64).abs() > x.abs() {
+            f = f32::from_bits(f.to_bits() - 1); // one step toward zero: the truncation
+        }
+        f = f32::from_bits(f.to_bits() | 1);
+    }
+    bf16::from_f32(f).to_f32()
 }
 
 /// The cache row each of `tokens` output tokens reads under the paged addressing of
