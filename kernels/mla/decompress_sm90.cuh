@@ -11,9 +11,10 @@
 // Structure (one CTA per SM, tiles claimed in order from a global counter):
 //   warpgroup 0      thread 0 issues the TMA load of the W tile [256 x 64] of each stage (one
 //                    head's 128 W_UK rows then 128 W_UV rows); all 128 threads gather the A tile
-//                    [128 x 64], one token row each, with 16-byte cp.async into the same 128-byte
-//                    swizzle TMA uses (a paged cache scatters rows, which one TMA box cannot
-//                    address; one path for paged and contiguous sources keeps their speed equal);
+//                    [128 x 64] with 16-byte cp.async (8 lanes per token row) into the same
+//                    128-byte swizzle TMA uses (a paged cache scatters rows, which one TMA box
+//                    cannot address; one path for paged and contiguous sources keeps their speed
+//                    equal);
 //   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then writes columns
 //                    [0, 128) to K[t, h, 0:128], the token's k_pe to K[t, h, 128:128+d_rope] and
 //                    columns [128, 256) to V[t, h, :].
@@ -89,9 +90,12 @@ __device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads) {
 }
 
 constexpr size_t smem_bytes() {
+  // 231,512 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
   return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * 64 * sm90::kStageRowBytes +
-         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 2 * sizeof(int32_t) + 1024;
+         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
+         2 * kBlockM * sizeof(int32_t) + 1024;
 }
+static_assert(smem_bytes() <= 232448, "over the 227 KB of shared memory a block may use");
 
 // Copies one pass (128 bf16 columns of the consumer's 64 rows) from the staging buffer to
 // dst[t * token_stride + head_offset + column].
@@ -141,6 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t *empty = full + kStages;
   int32_t *stage_tile = reinterpret_cast<int32_t *>(empty + kStages);  // tile of each stage, -1 = stop
   int32_t *claimed = stage_tile + kStages;  // [2] the producer's claimed tile, double-buffered
+  int32_t *row_index = claimed + 2;  // [2][128] source row of each tile row (-1: zeros), double-buffered
 
   const int warpgroup = threadIdx.x / 128;
   const int m_tiles = (a.tokens + kBlockM - 1) / kBlockM;
@@ -157,10 +162,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The tile counter and the row table come from the prepare kernel this one depends on.
   wait_for_previous_grid();
   if (warpgroup == 0) {
-    // Producer. 40 registers: the gather keeps a row pointer and a loop; 128 x 40 + 256 x 232
+    // Producer. 40 registers (the gather needs no more); 128 x 40 + 256 x 232
     // fits the 64 K register file the launch bounds reserve (384 x 168).
     sm90::setmaxnreg_dec<40>();
-    const int p = threadIdx.x;  // the A-tile row this thread gathers
+    const int p = threadIdx.x;
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);
     int stage = 0;
     uint32_t phase = 0;
@@ -182,10 +187,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         break;
       }
       const Tile tile = decode_tile(t, m_tiles, a.heads);
-      const int64_t src = source_row(a, tile.m0 + p);
-      const __nv_bfloat16 *row = a.latent + (src < 0 ? 0 : src * a.latent_stride);
-      const uint32_t src_bytes = src < 0 ? 0u : 16u;  // zero rows past the tokens and unmapped slots
+      // Each thread resolves one token's source row for the whole tile (-1: a zero row past the
+      // tokens or an unmapped slot); the copies then read the table, double-buffered like the claim.
+      int32_t *rows = row_index + (iter & 1) * kBlockM;
+      rows[p] = (int32_t)source_row(a, tile.m0 + p);  // row counts fit in int32 (checked on the host)
+      sm90::warpgroup_barrier(1);
       const int w_row = tile.head * kBlockN;
+      // Copy layout: 8 consecutive lanes copy one row's 128 bytes, so a warp instruction reads 4
+      // whole rows (one 16-byte chunk per thread per row scattered the 32-byte sectors over two
+      // instructions and doubled the L2 traffic of the A tile).
+      const int chunk = p % 8;
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&empty[stage], phase ^ 1);
         if (p == 0) {
@@ -193,11 +204,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::mbar_arrive_expect_tx(&full[stage], kBytesB);
           sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
         }
-        // Row p of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (p % 8).
-        const uint32_t dst = sm90::smem_addr(sa + stage * kTileA + p * kBlockK);
+        const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
 #pragma unroll
-        for (int c = 0; c < kBlockK / 8; ++c) {
-          sm90::cp_async_16(dst + ((c ^ (p & 7)) << 4), row + (src < 0 ? 0 : kb * kBlockK + c * 8), src_bytes);
+        for (int j = 0; j < kBlockM / 16; ++j) {
+          const int r = 16 * j + p / 8;
+          const int src = rows[r];
+          // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
+          const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
+          const __nv_bfloat16 *from = a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
+          sm90::cp_async_16(dst, from, src < 0 ? 0u : 16u);
         }
         sm90::cp_async_mbar_arrive_noinc(&full[stage]);
         if (++stage == kStages) {
