@@ -120,12 +120,20 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   return last_launch_status();
 }
 
-// Configuration heuristic: 128 x 256 tiles (two consumer warpgroups of m64n256), 4 stages of
-// 48 KB = 192 KB of shared memory. One configuration for now; the measurements that choose others
-// (narrow N, small M) go here.
+// Configuration heuristic.
+// - 128 x 256 tiles (two consumer warpgroups of m64n256), 4 stages of 48 KB = 192 KB of shared
+//   memory: every measured case (BENCHMARKS.md; 4 stages beat 3, 128 x 256 beat narrower tiles
+//   wherever there are enough tiles to fill the GPU).
+// - 128 x 64 tiles, 8 stages of 24 KB, when 128 x 256 tiles would leave more than half of the SMs
+//   idle: narrow outputs over few rows, such as the router GEMM (N = E = 256, K = 7168: at
+//   T = 4096 only 33 tiles of 128 x 256 for 132 SMs, 4x as many of 128 x 64). Prediction, not yet
+//   measured.
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
+  const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
+  const int64_t wide_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
+  if (2 * wide_tiles < sm_count()) return run_wgmma<64, 8, kEpilogue, OutT>(p, a, stream);
   return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
 }
 

@@ -131,11 +131,14 @@ __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const 
     // 2. staging -> global: each warp copies 16 rows, two per instruction, one chunk per lane
     const int chunk = lane % 16;
     const int col = col_base + pass * kPassCols + chunk * kChunkCols;
+    // A pass may be wider than the tile (BN = 64): the chunks past it belong to the next column
+    // block, another CTA's.
+    const bool in_tile = pass * kPassCols + chunk * kChunkCols < kOutCols;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int row = warp * 16 + 2 * j + lane / 16;
       const int r = row_base + row;
-      if (r < tile.row_end && col < a.n_out) {
+      if (in_tile && r < tile.row_end && col < a.n_out) {
         const uint4 v = staged_chunk(buf, row, chunk);
         if constexpr (kScaleRows) {
           const float s = __ldg(a.row_weights + __ldg(a.row_map + r));
