@@ -13,7 +13,7 @@
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
-//   empty[s] (256 arrivals: every consumer thread) : the stage may be overwritten.
+//   empty[s] (8 arrivals: lane 0 of every consumer warp) : the stage may be overwritten.
 // Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
 // to (M tile, column block) so that all M tiles of an expert sweep each column block together (one
 // W tile feeds them from L2) and all column blocks of an M tile run in the same window (its X tile
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], 1);
-      sm90::mbar_init(&empty[s], kConsumers * 128);
+      sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
     }
     sm90::fence_barrier_init();
   }
@@ -254,7 +254,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      const int t = stage_tile[stage];
+      // Only lane 0 reads the tile id (and broadcasts it): the thread that frees the stage below
+      // is then the only one that read it, so the producer's next write is ordered after every
+      // read by that arrive alone.
+      int t = 0;
+      if (lane == 0) t = stage_tile[stage];
+      t = __shfl_sync(0xffffffffu, t, 0);
       if (t < 0) break;
       const Tile tile = decode_tile(a, t, col_blocks);
       // A consumer whose 64 rows all lie past the expert's segment skips the math: the ragged last
@@ -279,9 +284,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
-        // Every consumer thread arrives: each has read the stage (and its tile id) before it
-        // frees it, with no warp-level ordering to reason about.
-        sm90::mbar_arrive(&empty[stage]);
+        // One arrival per warp, after every lane's WGMMA reads of the stage are complete (the
+        // wait above) and the warp has converged. 256 arrivals per stage (v4) cost 3-15% against
+        // 8 (v4b, BENCHMARKS.md run 12).
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;

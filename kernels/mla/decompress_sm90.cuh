@@ -19,7 +19,7 @@
 //                    [0, 128) to K[t, h, 0:128], the token's k_pe to K[t, h, 128:128+d_rope] and
 //                    columns [128, 256) to V[t, h, :].
 //   full[s]  (1 expect_tx arrival + 128 cp.async arrivals + W bytes): the stage holds data;
-//   empty[s] (256 arrivals: every consumer thread): the stage may be overwritten.
+//   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
 // head's W (256 KB, read from L2) and a group's latent rows (2 MB) stay in L2 across its heads.
 #pragma once
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], 1 + 128);
-      sm90::mbar_init(&empty[s], kConsumers * 128);
+      sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
     }
     sm90::fence_barrier_init();
   }
@@ -234,7 +234,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[kBlockN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      const int t = stage_tile[stage];
+      // Only lane 0 reads the tile id (and broadcasts it): the thread that frees the stage below
+      // is then the only one that read it, so the producer's next write is ordered after every
+      // read by that arrive alone.
+      int t = 0;
+      if (lane == 0) t = stage_tile[stage];
+      t = __shfl_sync(0xffffffffu, t, 0);
       if (t < 0) break;
       const Tile tile = decode_tile(t, m_tiles, a.heads);
       const int row0 = tile.m0 + consumer * 64;
@@ -269,7 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
-        sm90::mbar_arrive(&empty[stage]);
+        __syncwarp();  // every lane's WGMMA reads of the stage are complete (the wait above)
+        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
