@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine over a bundle built by ../shared/tools/gpu-bundle (carried as .gpu/):
+# Runs on the GPU machine over a bundle built by ../shared/tools/gpu-bundle (carried as .gpu/, or
+# packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
 # printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion,ncu-gemm,ncu-gating,ncu-mla
@@ -7,6 +8,11 @@
 # --filter), ANCHOR_CASES, ANCHOR_TOKENS.
 set -u
 cd "$(dirname "$0")/.."
+# A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
+if [ -f .gpu-packed/bundle.tar.xz ]; then
+  rm -rf .gpu
+  python3 -c "import tarfile; tarfile.open('.gpu-packed/bundle.tar.xz').extractall('.')"
+fi
 # Logs are written outside $OUT and packed into $OUT/logs.tgz at the end: the device tool returns at
 # most 8 files.
 final=${OUT:-/tmp/moekit-out}; mkdir -p "$final"
