@@ -191,3 +191,15 @@ pub(crate) fn raw_stream(stream: &CudaStream) -> ffi::moekit_stream {
 pub(crate) fn ptr_or_null<G>(p: &Option<(sys::CUdeviceptr, G)>) -> sys::CUdeviceptr {
     p.as_ref().map_or(0, |(ptr, _)| *ptr)
 }
+
+/// Refuses a device pointer (of bf16 elements) that is not 16-byte aligned: the kernels move rows in
+/// 16-byte vectors and TMA boxes.
+pub(crate) fn check_aligned16(arg: &'static str, ptr: sys::CUdeviceptr) -> Result<()> {
+    if ptr % 16 != 0 {
+        return Err(Error::invalid(
+            arg,
+            "must start 16-byte aligned: slice at a multiple of 8 elements",
+        ));
+    }
+    Ok(())
+}

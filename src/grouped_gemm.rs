@@ -20,7 +20,7 @@
 use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use crate::context::{check_status, prepare_launch, ptr_or_null, raw_stream};
+use crate::context::{check_aligned16, check_status, prepare_launch, ptr_or_null, raw_stream};
 use crate::dtype::{Dtype, Element};
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -187,12 +187,7 @@ pub fn grouped_gemm<O: GemmOutput>(
     let (w_ptr, _g1) = w.device_ptr(stream);
     let (y_ptr, _g2) = y.device_ptr_mut(stream);
     for (name, ptr) in [("x", x_ptr), ("w", w_ptr)] {
-        if ptr % 16 != 0 {
-            return Err(Error::invalid(
-                name,
-                "must start 16-byte aligned (TMA): slice at a multiple of 8 elements",
-            ));
-        }
+        check_aligned16(name, ptr)?; // TMA
     }
     if y_ptr % (2 * std::mem::size_of::<O>() as u64) != 0 {
         return Err(Error::invalid(

@@ -1,13 +1,13 @@
 // C entry point of the grouped GEMM: builds the TMA tensor maps, picks the kernel configuration
 // and launches the persistent WGMMA kernel, or the simple FMA oracle.
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "device/launch.cuh"
+#include "device/tensor_map.cuh"
 #include "grouped_gemm_sm90.cuh"
 #include "moekit.h"
 
@@ -71,42 +71,15 @@ moekit_status run_oracle(const moekit_grouped_gemm_params &p, const Args &a, moe
 
 // ---- WGMMA --------------------------------------------------------------------------------------
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point: no link-time libcuda.
-static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void *ptr = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      return (PFN_cuTensorMapEncodeTiled_v12000) nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// A row-major [rows, k] bf16 matrix read in boxes of box_rows x 64 with the 128-byte swizzle.
-// Out-of-bounds rows and columns read as zeros.
-static bool make_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k, int box_rows) {
-  auto encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)k * 2};
-  const cuuint32_t box[2] = {(cuuint32_t)kBlockK, (cuuint32_t)box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
+static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
 template <int BN, int kStages, int kEpilogue, typename OutT>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
   const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
-  if (!make_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, kBlockM) ||
-      !make_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
+  if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, kBlockM) ||
+      !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
   auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT>;

@@ -1,7 +1,6 @@
 // C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table), then
 // the WGMMA kernel as its programmatic dependent, or the simple FMA oracle.
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 
 #include "decompress_sm90.cuh"
 #include "device/launch.cuh"
+#include "device/tensor_map.cuh"
 #include "moekit.h"
 
 namespace moekit {
@@ -87,33 +87,7 @@ __global__ void decompress_oracle_kernel(const moekit_mla_decompress_params p) {
   }
 }
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point: no link-time libcuda.
-static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void *ptr = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      return (PFN_cuTensorMapEncodeTiled_v12000) nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// kv_b_proj [heads * 256, r] read in boxes of 256 rows (one head) x 64 with the 128-byte swizzle.
-static bool make_weight_map(CUtensorMap *map, const void *w, int64_t rows, int32_t rank) {
-  auto encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {(cuuint64_t)rank, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)rank * 2};
-  const cuuint32_t box[2] = {(cuuint32_t)kBlockK, (cuuint32_t)kBlockN};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(w), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
+static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
 // Whether the WGMMA kernel handles these dimensions (the Rust side reports the limits).
 static bool wgmma_supports(const moekit_mla_decompress_params &p) {
@@ -126,7 +100,8 @@ static bool wgmma_supports(const moekit_mla_decompress_params &p) {
 static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_stream stream) {
   if (!wgmma_supports(p)) return MOEKIT_ERR_UNSUPPORTED;
   CUtensorMap map_w;
-  if (!make_weight_map(&map_w, p.w, (int64_t)p.heads * kBlockN, p.rank)) return MOEKIT_ERR_UNSUPPORTED;
+  // kv_b_proj [heads * 256, r] in boxes of 256 rows (one head) x 64.
+  if (!make_bf16_sw128_map(&map_w, p.w, (int64_t)p.heads * kBlockN, p.rank, kBlockN)) return MOEKIT_ERR_UNSUPPORTED;
   Args a;
   a.latent = static_cast<const __nv_bfloat16 *>(p.latent);
   a.k_pe = static_cast<const __nv_bfloat16 *>(p.k_pe);

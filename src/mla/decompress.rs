@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::{HeadLayout, Implementation, MlaDims, WGMMA_HEAD_DIM, WGMMA_MAX_ROPE};
-use crate::context::{check_status, prepare_launch, ptr_or_null, raw_stream};
+use crate::context::{check_aligned16, check_status, prepare_launch, ptr_or_null, raw_stream};
 use crate::error::{DuringExt, Error, Result};
 use crate::ffi;
 
@@ -154,16 +154,6 @@ fn rows_in(len: usize, stride: usize, width: usize) -> usize {
     } else {
         (len - width) / stride + 1
     }
-}
-
-fn aligned16(arg: &'static str, ptr: u64) -> Result<()> {
-    if ptr % 16 != 0 {
-        return Err(Error::invalid(
-            arg,
-            "must start 16-byte aligned: slice at a multiple of 8 elements",
-        ));
-    }
-    Ok(())
 }
 
 /// Decompresses `problem.tokens` tokens of `source` through `kv_b_proj` into `k` and `v` on
@@ -367,7 +357,7 @@ pub fn decompress(
         ("k", k_ptr),
         ("v", v_ptr),
     ] {
-        aligned16(name, ptr)?;
+        check_aligned16(name, ptr)?;
     }
     let paged = match source {
         LatentSource::Paged(p) => Some(p),

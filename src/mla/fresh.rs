@@ -4,7 +4,7 @@ use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::{MlaDims, RopeConfig, RopeStyle, MAX_ROPE};
-use crate::context::{check_status, prepare_launch, raw_stream};
+use crate::context::{check_aligned16, check_status, prepare_launch, raw_stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 
@@ -158,12 +158,7 @@ pub fn write_fresh_tokens(
         ("gamma", gamma_ptr),
         ("cache", cache_ptr),
     ] {
-        if ptr % 16 != 0 {
-            return Err(Error::invalid(
-                name,
-                "must start 16-byte aligned: slice at a multiple of 8 elements",
-            ));
-        }
+        check_aligned16(name, ptr)?;
     }
     let params = ffi::moekit_mla_fresh_params {
         kv_a: kv_a_ptr as *const _,
