@@ -3,9 +3,9 @@
 # packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,criterion,ncu-gemm,ncu-gating,ncu-mla
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,criterion,ncu-gemm,ncu-gating,ncu-mla
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
-# --filter), ANCHOR_CASES, ANCHOR_TOKENS.
+# --filter), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES, DEADLINE (seconds; later sanitizer runs skip).
 set -u
 cd "$(dirname "$0")/.."
 # A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
@@ -19,26 +19,29 @@ final=${OUT:-/tmp/moekit-out}; mkdir -p "$final"
 out=$(mktemp -d /tmp/moekit-logs.XXXX)
 steps=${1:-tests,memcheck,racecheck,bench,anchors}
 export MOEKIT_REQUIRE_GPU=1 RUST_BACKTRACE=1
-rm -f .gpu/tests/bandwidth_probe .gpu/tests/bench_report  # examples that cargo test also builds
+# Examples that cargo test also builds are not test binaries.
+for e in .gpu/examples/*; do rm -f ".gpu/tests/$(basename "$e")"; done
 summary=()
 has() { [[ ",$steps," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$out/smi.txt" 2>&1
 if has tests; then
   OUT="$out" bash .gpu/run.sh >"$out/tests.txt" 2>&1; summary+=("tests: $(tail -1 "$out/tests.txt")")
 fi
+# The device tool stops a command at 600 s and then returns only what is already under $OUT:
+# sanitizer binaries that would start after DEADLINE seconds are skipped (and reported).
+deadline=${DEADLINE:-520}
 san() { # $1 tool
   local fails=0
   for t in .gpu/tests/*; do
     n=$(basename "$t")
     [ "$n" = lib-moekit ] && continue  # no tests: the sanitizer would report "no CUDA API call"
+    if [ "$SECONDS" -gt "$deadline" ]; then echo "$1 $n: skipped (deadline)" >>"$out/sanitizer.txt"; continue; fi
     PROPTEST_CASES=8 timeout 300 compute-sanitizer --tool "$1" --error-exitcode 99 "$t" --include-ignored --skip deepseek_v3 --skip gpu_decompress_large_matches_oracle \
       >"$out/$1-$n.txt" 2>&1 || { fails=$((fails+1)); echo "$1 $n: rc=$?" >>"$out/$1-failures.txt"; }
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/$1-$n.txt" | tail -1 | sed "s/^/$1 $n: /" >>"$out/sanitizer.txt"
   done
   summary+=("$1: $fails failing binaries")
 }
-has memcheck && san memcheck
-has racecheck && san racecheck
 if has bench; then
   if has anchors; then
     PYTHONUNBUFFERED=1 timeout 400 python3 .gpu/anchors/torch_anchors.py --cases "${ANCHOR_CASES:-dsv3,qwen3,mixtral}" \
@@ -49,12 +52,18 @@ if has bench; then
   timeout 400 .gpu/examples/bench_report --filter "${REPORT_FILTER:-}" --json "$out/bench.json" "${a[@]}" >"$out/bench.txt" 2>&1
   summary+=("bench_report: rc=$?")
 fi
+if has demo; then
+  # The README's first command: the DeepSeek-V3-shaped layer with random weights, checked against
+  # the CPU reference, eager and as a CUDA graph.
+  timeout 300 .gpu/examples/moe_layer >"$out/demo.txt" 2>&1; summary+=("demo: rc=$?")
+  timeout 300 .gpu/examples/moe_layer --graph >"$out/demo-graph.txt" 2>&1; summary+=("demo --graph: rc=$?")
+fi
 if has criterion; then
   for b in .gpu/benches/*; do [ "$(basename "$b")" = lib-moekit ] && continue; timeout 200 "$b" --bench >>"$out/criterion.txt" 2>&1; done
   summary+=("criterion: done")
 fi
 if has ncu-gemm; then
-  for c in dsv3/T16384/gemm-up dsv3/T4096/gemm-up; do
+  for c in ${NCU_GEMM_CASES:-dsv3/T16384/gemm-up dsv3/T4096/gemm-up}; do
     timeout 200 ncu --clock-control none -k regex:grouped_gemm_wgmma --launch-skip 3 --launch-count 1 --set full \
       .gpu/examples/bench_report --filter "$c" --tokens "$(echo $c | sed 's|.*/T\([0-9]*\)/.*|\1|')" --reps 2 \
       >"$out/ncu-$(echo $c | tr / _).txt" 2>&1
@@ -71,6 +80,9 @@ if has ncu-mla; then
     .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla.txt" 2>&1
   summary+=("ncu-mla: rc=$?")
 fi
+# Sanitizers last: the slowest step, cut by DEADLINE.
+has memcheck && san memcheck
+has racecheck && san racecheck
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 tar czf "$final/logs.tgz" -C "$out" .
-for f in bench.txt bench.json torch.json summary.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
+for f in bench.txt bench.json torch.json summary.txt demo.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done

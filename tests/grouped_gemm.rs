@@ -47,7 +47,8 @@ fn case(
         .block_m(BLOCK_M);
     let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
     let d_ids = upload(s, &ids).unwrap();
-    plan.build(s, &d_ids.slice(..ids.len()), tokens).unwrap();
+    plan.build(s, &d_ids.slice(..ids.len()), tokens)
+        .unwrap_or_else(|e| panic!("{what}: building the plan: {e}"));
     let plan_ref = routing_plan(&cfg, &ids, tokens);
     let mut r = rng(fresh_seed());
     let rows = cfg.max_rows();

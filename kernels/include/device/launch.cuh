@@ -43,15 +43,24 @@ inline int sm_count() {
   return n;
 }
 
-// Raises a kernel's dynamic shared-memory limit to `bytes`. Needed whenever static plus dynamic
-// shared memory passes 48 KB; the kernel's static part is not known here, so any dynamic request
-// sets it (a cheap host call; the attribute belongs to the function in the current context, so it
-// is not cached across devices). A threshold on `bytes` alone once let a 47.6 KB request next to
-// 2 KB of static shared memory fail its launch.
+// Lets launches of `kernel` use up to `bytes` of dynamic shared memory. Needed whenever static plus
+// dynamic shared memory passes 48 KB. The limit is a property of the function, shared by every
+// host thread, so it is always raised to the same value, the most the device allows next to the
+// kernel's static shared memory: a per-launch value raced between host threads launching one
+// kernel with different sizes (one lowered the limit between another's set and launch, and that
+// launch failed with cudaErrorInvalidValue; the parallel plan tests hit it under memcheck).
 template <typename Kernel>
 inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
   if (bytes == 0) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  int dev = 0, optin = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaFuncAttributes attr;
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess) return e;
+  const size_t limit = (size_t)optin > attr.sharedSizeBytes ? (size_t)optin - attr.sharedSizeBytes : 0;
+  if (bytes > limit) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
