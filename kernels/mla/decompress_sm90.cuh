@@ -6,7 +6,11 @@
 // T*H*640 B = 671 MB of K/V writes, 33.5 MB of weights and 9.4 MB of latent: 404 FLOP/B, so
 // compute-bound (H200 ridge ~186 FLOP/B), 0.35 ms at 790 TFLOP/s with the writes (0.16 ms at
 // 4.25 TB/s) hidden under the math. K = r = 512 is short: a tile is only 8 k-blocks, so the
-// epilogue is a large share of a tile's time.
+// epilogue is a large share of a tile's time. Measured on the H200 at T = 8192: the MMAs alone
+// (epilogue removed) 273 us, ~1000 TFLOP/s; consumers writing K/V themselves 570 us; with the
+// TMA-store epilogue below 496-513 us. Both consumers still reach their epilogues together and
+// the tensor cores idle meanwhile; the next step is consumers on alternate tiles (ping-pong), so
+// one's epilogue runs under the other's MMAs.
 //
 // Structure (one CTA per SM, tiles claimed in order from a global counter):
 //   warpgroup 0      thread 0 issues the TMA load of the W tile [256 x 64] of each stage (one
@@ -15,9 +19,10 @@
 //                    128-byte swizzle TMA uses (a paged cache scatters rows, which one TMA box
 //                    cannot address; one path for paged and contiguous sources keeps their speed
 //                    equal);
-//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then writes columns
-//                    [0, 128) to K[t, h, 0:128], the token's k_pe to K[t, h, 128:128+d_rope] and
-//                    columns [128, 256) to V[t, h, :].
+//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
+//                    k_pe to K[t, h, 128:128+d_rope] and stages columns [0, 128) (then
+//                    [128, 256)) in shared memory for a TMA store to K[t, h, 0:128] (then V[t, h, :]),
+//                    which drains while the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival + 128 cp.async arrivals + W bytes): the stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
@@ -41,7 +46,6 @@ constexpr int kBlockM = 128;  // tokens per tile: two consumer warpgroups x 64
 constexpr int kHeadDim = 128; // d_nope = d_v of the WGMMA kernel
 constexpr int kBlockN = 2 * kHeadDim;  // one head: W_UK rows then W_UV rows
 constexpr int kBlockK = 64;   // 64 bf16 = 128 bytes: one swizzle row
-constexpr int kStages = 4;
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kGroupM = 16;
@@ -89,48 +93,43 @@ __device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads) {
   return Tile{(first + local % rows) * kBlockM, local / rows};
 }
 
+// Per consumer warpgroup: kStagingBufs staging buffers of 64 rows x 128 columns bf16 (16 KB).
+constexpr int kStagingBytes = 64 * kHeadDim * 2;
+template <int kStages, int kStagingBufs>
 constexpr size_t smem_bytes() {
   // 231,512 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
-  return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * 64 * sm90::kStageRowBytes +
+  return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * kStagingBufs * kStagingBytes +
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
          2 * kBlockM * sizeof(int32_t) + 1024;
 }
-static_assert(smem_bytes() <= 232448, "over the 227 KB of shared memory a block may use");
+static_assert(smem_bytes<4, 1>() <= 232448, "over the 227 KB of shared memory a block may use");
+static_assert(smem_bytes<3, 2>() <= 232448, "over the 227 KB of shared memory a block may use");
 
-// Copies one pass (128 bf16 columns of the consumer's 64 rows) from the staging buffer to
-// dst[t * token_stride + head_offset + column].
-__device__ __forceinline__ void copy_out(const uint8_t *buf, __nv_bfloat16 *dst, int64_t token_stride,
-                                         int64_t head_offset, int row0, int tokens, int warp, int lane) {
-  const int chunk = lane % 16;
-  const int first = warp * 16 + lane / 16;  // rows first, first + 2, ..., first + 14
-  __nv_bfloat16 *out = dst + (int64_t)(row0 + first) * token_stride + head_offset + chunk * 8;
-  const int rows = min(16, tokens - row0 - warp * 16);  // this warp's rows that are tokens
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (2 * j + lane / 16 < rows) {
-      *reinterpret_cast<uint4 *>(out) = sm90::staged_chunk(buf, first + 2 * j, chunk);
-    }
-    out += 2 * token_stride;
-  }
-}
-
-// Stages accumulator columns [first, first + 128) as bf16 (thread layout: see the grouped GEMM's
-// epilogue; acc[4i + 2h + {0,1}] is row 16w + l/4 + 8h, columns 8i + 2(l%4) + {0,1}).
-__device__ __forceinline__ void stage_half(uint8_t *buf, const float (&acc)[kBlockN / 2], int first, int warp,
-                                           int lane) {
+// The staging of the TMA-store epilogue: accumulator columns [first, first + 128) as bf16 in two
+// boxes of 64 rows x 64 columns (128 bytes per row), 16-byte chunk c of row r at chunk c ^ (r % 8):
+// the 128-byte swizzle of the K and V store maps, which also puts the 8 rows a warp writes at once
+// in different banks.
+constexpr int kBoxBytes = 64 * 128;
+__device__ __forceinline__ void stage_half_boxes(uint8_t *buf, const float (&acc)[kBlockN / 2], int first, int warp,
+                                                 int lane) {
 #pragma unroll
   for (int i = first / 8; i < first / 8 + kHeadDim / 8; ++i) {
-    const int col = 8 * i + 2 * (lane % 4) - first;
+    const int col = 8 * i + 2 * (lane % 4) - first;  // 0..127 within the half
+    const int box = col / 64;
+    const int chunk = (col % 64) / 8;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp * 16 + lane / 4 + 8 * h;
-      sm90::stage_pair<__nv_bfloat16>(buf, row, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+      uint8_t *p = buf + box * kBoxBytes + row * 128 + ((chunk ^ (row & 7)) << 4) + (col % 8) * 2;
+      sm90::store_pair(reinterpret_cast<__nv_bfloat16 *>(p), acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
     }
   }
 }
 
+template <int kStages, int kStagingBufs>
 __global__ void __launch_bounds__(kThreads, 1)
-    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const Args a) {
+    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_k,
+                            const __grid_constant__ CUtensorMap map_v, const Args a) {
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
@@ -140,8 +139,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *sb = sa + kStages * kTileA;
-  uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][64][256 B]
-  uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * 64 * sm90::kStageRowBytes);
+  uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][kStagingBufs][16 KB]
+  uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * kStagingBufs * kStagingBytes);
   uint64_t *empty = full + kStages;
   int32_t *stage_tile = reinterpret_cast<int32_t *>(empty + kStages);  // tile of each stage, -1 = stop
   int32_t *claimed = stage_tile + kStages;  // [2] the producer's claimed tile, double-buffered
@@ -227,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32;
     const int lane = tid % 32;
-    uint8_t *buf = staging + consumer * 64 * sm90::kStageRowBytes;
+    uint8_t *bufs = staging + consumer * kStagingBufs * kStagingBytes;
     const int rope_chunks = a.d_rope / 8;
     int stage = 0;
     uint32_t phase = 0;
@@ -246,7 +245,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
       // The k_pe chunks this thread stores: slot j is row tid/8 + 16j, chunk tid % 8. Loaded
-      // during the first k-block's MMAs, stored in the epilogue.
+      // during the last k-block's MMAs and stored first in the epilogue, so they are live for a
+      // short stretch (loaded at the first k-block they spilled, and the loads stalled the
+      // consumer: 4% slower, measured on the H200).
       uint4 kpe[kRopeSlots];
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
-          if (kb == 0) {
+          if (kb == k_blocks - 1) {
 #pragma unroll
             for (int j = 0; j < kRopeSlots; ++j) {
               const int64_t src = (tid % 8) < rope_chunks ? source_row(a, row0 + tid / 8 + 16 * j) : -1;
@@ -283,12 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (!active) continue;
       const int barrier = 2 + consumer;
-      // Pass 1: columns [0, 128) -> K[t, h, 0:128], and the k_pe columns from registers.
       const int64_t k_head = (int64_t)tile.head * a.k_head_stride;
-      stage_half(buf, acc, 0, warp, lane);
-      sm90::warpgroup_barrier(barrier);
-      copy_out(buf, a.k, a.k_token_stride, k_head, row0, a.tokens, warp, lane);
-      if ((tid % 8) < rope_chunks) {
+      if ((tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
         __nv_bfloat16 *out = a.k + (int64_t)(row0 + tid / 8) * a.k_token_stride + k_head + kHeadDim + (tid % 8) * 8;
 #pragma unroll
         for (int j = 0; j < kRopeSlots; ++j) {
@@ -296,13 +293,32 @@ __global__ void __launch_bounds__(kThreads, 1)
           out += 16 * a.k_token_stride;
         }
       }
-      sm90::warpgroup_barrier(barrier);  // pass 2 overwrites the buffer
-      // Pass 2: columns [128, 256) -> V[t, h, :].
-      stage_half(buf, acc, kHeadDim, warp, lane);
-      sm90::warpgroup_barrier(barrier);
-      copy_out(buf, a.v, a.v_token_stride, (int64_t)tile.head * a.v_head_stride, row0, a.tokens, warp, lane);
-      sm90::warpgroup_barrier(barrier);  // the next tile's pass 1 overwrites the buffer
+      // Pass 1: columns [0, 128) -> K[t, h, 0:128]; pass 2: [128, 256) -> V[t, h, :]. Each pass
+      // stages two 64-column boxes and one thread hands them to TMA stores. Only the staging
+      // of a pass waits for the previous store to have read the buffer; the global writes
+      // drain under the next tile's MMAs (the consumers writing 82 KB per tile themselves left
+      // the tensor cores idle for half of the kernel: 570 us against 273 us without any
+      // epilogue at T = 8192, measured on the H200).
+#pragma unroll
+      for (int pass = 0; pass < 2; ++pass) {
+        uint8_t *buf = bufs + (kStagingBufs == 2 ? pass : 0) * kStagingBytes;
+        // One buffer: the previous store must have read it. Two: the store before the previous
+        // one (the same pass of the previous tile) must have.
+        if (tid == 0) sm90::bulk_wait_group_read<kStagingBufs - 1>();
+        sm90::warpgroup_barrier(barrier);
+        stage_half_boxes(buf, acc, pass * kHeadDim, warp, lane);
+        sm90::fence_proxy_async_shared();  // the staged values, for the async proxy's reads
+        sm90::warpgroup_barrier(barrier);
+        if (tid == 0) {
+          const CUtensorMap *map = pass == 0 ? &map_k : &map_v;
+          sm90::tma_store_3d(map, buf, 0, tile.head, row0);
+          sm90::tma_store_3d(map, buf + kBoxBytes, 64, tile.head, row0);
+          sm90::bulk_commit_group();
+        }
+      }
     }
+    // The last stores must have read the staging buffer before the block's shared memory goes.
+    if (tid == 0) sm90::bulk_wait_group<0>();
   }
 }
 
