@@ -21,6 +21,7 @@ enum Preset {
     DeepseekV3,
     DeepseekV2Lite,
     Qwen3_30bA3b,
+    #[value(name = "mixtral-8x7b")]
     Mixtral8x7b,
 }
 

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-cuda.sh
 export LIBCLANG_PATH="${LIBCLANG_PATH:-$PWD/.toolkit/libclang/clang/native}"
-cargo run --release --example bandwidth_probe -- "$@"
+cargo run --release --example moe_layer -- "$@"

@@ -3,7 +3,7 @@
 # packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,criterion,ncu-gemm,ncu-gating,ncu-mla
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
 # --filter), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES, DEADLINE (seconds; later sanitizer runs skip).
 set -u
@@ -58,6 +58,13 @@ if has demo; then
   timeout 300 .gpu/examples/moe_layer >"$out/demo.txt" 2>&1; summary+=("demo: rc=$?")
   timeout 300 .gpu/examples/moe_layer --graph >"$out/demo-graph.txt" 2>&1; summary+=("demo --graph: rc=$?")
 fi
+if has router; then
+  # The router GEMM through cuBLAS (torch), against the crate's own (the layer's router stage).
+  timeout 120 python3 scripts/router_cublas.py >"$out/router-cublas.txt" 2>&1; summary+=("router-cublas: rc=$?")
+  for m in qwen3-30b-a3b mixtral-8x7b; do
+    timeout 300 .gpu/examples/moe_layer --preset $m >"$out/demo-$m.txt" 2>&1; summary+=("demo $m: rc=$?")
+  done
+fi
 if has criterion; then
   for b in .gpu/benches/*; do [ "$(basename "$b")" = lib-moekit ] && continue; timeout 200 "$b" --bench >>"$out/criterion.txt" 2>&1; done
   summary+=("criterion: done")
@@ -85,4 +92,4 @@ has memcheck && san memcheck
 has racecheck && san racecheck
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 tar czf "$final/logs.tgz" -C "$out" .
-for f in bench.txt bench.json torch.json summary.txt demo.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
+for f in bench.txt bench.json torch.json summary.txt demo.txt router-cublas.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
