@@ -99,8 +99,9 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 //   wherever there are enough tiles to fill the GPU).
 // - 128 x 64 tiles, 8 stages of 24 KB, when 128 x 256 tiles would leave more than half of the SMs
 //   idle: narrow outputs over few rows, such as the router GEMM (N = E = 256, K = 7168: at
-//   T = 4096 only 33 tiles of 128 x 256 for 132 SMs, 4x as many of 128 x 64). Prediction, not yet
-//   measured.
+//   T = 4096 only 33 tiles of 128 x 256 for 132 SMs, 4x as many of 128 x 64). Measured on the H200
+//   (BENCHMARKS.md run 13): DeepSeek-V3 router 47.7 us at T = 4096 (cuBLAS 43.5) and 44 us at
+//   T = 128 and 1024, where K streamed through 4-32 CTAs bounds it (split-K is the next step).
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
