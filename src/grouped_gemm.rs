@@ -113,7 +113,9 @@ impl GemmOutput for f32 {}
 
 /// Runs the grouped GEMM on `stream` over the experts of `plan` (which must have been built, with
 /// `block_m` = [`BLOCK_M`] for the WGMMA kernel). The plan is borrowed mutably for its scheduling
-/// counter.
+/// counter and its split-K scratch: a one-expert plan with f32 output and too few tiles to fill
+/// the GPU (the router GEMM) splits K across CTAs and sums the partial sums in a second kernel, in
+/// a fixed order, so reruns stay bitwise identical.
 pub fn grouped_gemm<O: GemmOutput>(
     stream: &CudaStream,
     plan: &mut RoutingPlan,
@@ -202,9 +204,16 @@ pub fn grouped_gemm<O: GemmOutput>(
         expert_counts,
         row_map,
         gemm_tile_counter,
+        gemm_partials,
         ..
     } = plan;
     let (counter, _g8) = gemm_tile_counter.device_ptr_mut(stream);
+    let partials_capacity = if gemm_partials.len() > 1 {
+        gemm_partials.len()
+    } else {
+        0
+    };
+    let (partials, _g9) = gemm_partials.device_ptr_mut(stream);
     let (tiles, _g3) = tiles.device_ptr(stream);
     let (num_tiles, _g4) = num_tiles.device_ptr(stream);
     let (offsets, _g5) = expert_offsets.device_ptr(stream);
@@ -225,6 +234,12 @@ pub fn grouped_gemm<O: GemmOutput>(
         row_map: row_map as *const i32,
         row_weights: ptr_or_null(&scale) as *const f32,
         tile_counter: counter as *mut i32,
+        partials: if partials_capacity > 0 {
+            partials as *mut f32
+        } else {
+            std::ptr::null_mut()
+        },
+        partials_capacity: partials_capacity as i64,
         // Every row x holds: the TMA map's bound (tiles read up to 127 rows past a segment).
         x_rows: (x.len() / k) as i64,
         n: n as i32,

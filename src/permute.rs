@@ -176,7 +176,15 @@ pub struct RoutingPlan {
     invalid_ids: CudaSlice<i32>,
     /// Scratch of the grouped GEMM: the counter its CTAs claim tiles from.
     pub(crate) gemm_tile_counter: CudaSlice<i32>,
+    /// Scratch of the grouped GEMM's split-K partial sums (one-expert plans only, such as the
+    /// router's; [`SPLIT_K_PARTIALS`] f32 values, else 1).
+    pub(crate) gemm_partials: CudaSlice<f32>,
 }
+
+/// f32 values of split-K scratch a one-expert plan holds (8 MB): the partial sums of up to 16
+/// splits of the narrow GEMMs that leave most SMs idle (a router GEMM over a few thousand tokens
+/// needs at most ~1 M).
+pub(crate) const SPLIT_K_PARTIALS: usize = 1 << 21;
 
 impl RoutingPlan {
     /// Allocates every buffer of a plan for `cfg` on `stream` (the only allocation: builds reuse it).
@@ -198,6 +206,13 @@ impl RoutingPlan {
             assignment_rank: alloc(cfg.max_tokens * cfg.top_k)?,
             invalid_ids: alloc(cfg.chunks())?,
             gemm_tile_counter: alloc(1)?,
+            gemm_partials: stream
+                .alloc_zeros::<f32>(if cfg.num_local() == 1 {
+                    SPLIT_K_PARTIALS
+                } else {
+                    1
+                })
+                .during("allocating the routing plan")?,
             tokens: None,
             cfg,
         })

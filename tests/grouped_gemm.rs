@@ -418,3 +418,24 @@ fn bad_inputs_are_refused() {
     let e = grouped_gemm(s, &mut c.plan, &p, &x, &w, &mut y).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "weights", .. }), "{e}");
 }
+
+/// One expert with f32 output over few rows (the router GEMM's shape): the launcher splits K
+/// across CTAs and sums the partial sums in a second pass, in split order (bitwise reruns).
+#[test]
+fn one_expert_split_k() {
+    let Some(ctx) = gpu("one_expert_split_k") else {
+        return;
+    };
+    let mut r = rng(fresh_seed());
+    for (t, n, k) in [
+        (1, 256, 7168),
+        (128, 256, 7168),
+        (700, 128, 2048),
+        (1000, 8, 4096),
+        (300, 64, 520),
+    ] {
+        let ids = routing(&mut r, t, 1, 1, Routing::Uniform);
+        let mut c = case(&ctx, "one expert, f32 out", ids, t, 1, 1, n, k, 1);
+        check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
+    }
+}

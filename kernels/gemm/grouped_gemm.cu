@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "device/launch.cuh"
 #include "device/tensor_map.cuh"
@@ -73,7 +74,7 @@ moekit_status run_oracle(const moekit_grouped_gemm_params &p, const Args &a, moe
 
 static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
-template <int BN, int kStages, int kEpilogue, typename OutT>
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
@@ -82,15 +83,51 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
       !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK>;
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
-  const int64_t max_work = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
+  const int64_t max_work = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile) * a.split_k;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
   MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
   kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
   return last_launch_status();
+}
+
+// Split-K second pass: y[r, :] = sum over splits (in order) of partials[split][r, :], for the rows
+// of the single expert's segment (rows past it keep what y held, as without split-K).
+__global__ void split_k_reduce_kernel(const float *__restrict__ partials, int split_k, int64_t split_stride,
+                                      const int32_t *__restrict__ counts, float *__restrict__ y, int n_out,
+                                      int64_t max_elems) {
+  wait_for_previous_grid();  // the partial sums of the GEMM this kernel depends on
+  const int64_t used = (int64_t)__ldg(counts) * n_out;
+  const int64_t end = used < max_elems ? used : max_elems;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < end; i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.0f;
+    for (int split = 0; split < split_k; ++split) s += partials[split * split_stride + i];
+    y[i] = s;
+  }
+}
+
+// Splits of K for a one-expert f32 STORE problem whose 128 x 64 tiles fill fewer than half of the
+// SMs (the router GEMM at small T: K = 7168 streamed through 4 CTAs took 44 us at T = 128 on the
+// H200, cuBLAS 27 us), or 1. At least 4 k-blocks per split, at most 16 splits, and the partials
+// must fit the caller's scratch. Returns the split count and sets kb_per_split.
+template <int kEpilogue, typename OutT>
+int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int *kb_per_split) {
+  const int k_blocks = (int)ceil_div(p.k, kBlockK);
+  *kb_per_split = k_blocks;
+  if (kEpilogue != MOEKIT_EPILOGUE_STORE || !std::is_same<OutT, float>::value || p.num_local != 1 ||
+      p.partials == nullptr) {
+    return 1;
+  }
+  const int64_t narrow_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, 64);
+  int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, narrow_tiles), k_blocks / 4});
+  while (split >= 2 && split * p.x_rows * a.n_out > p.partials_capacity) --split;
+  if (split < 2) return 1;
+  const int per = (int)ceil_div(k_blocks, split);
+  *kb_per_split = per;
+  return (int)ceil_div(k_blocks, per);  // every split non-empty
 }
 
 // Configuration heuristic.
@@ -107,8 +144,24 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
-  if (2 * wide_tiles < sm_count()) return run_wgmma<64, 8, kEpilogue, OutT>(p, a, stream);
-  return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  if (2 * wide_tiles >= sm_count()) return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
+    Args split_args = a;
+    split_args.split_k = choose_split_k<kEpilogue, OutT>(p, a, &split_args.kb_per_split);
+    if (split_args.split_k > 1) {
+      split_args.partials = p.partials;
+      split_args.split_stride = p.x_rows * a.n_out;
+      MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
+      const int64_t elems = p.x_rows * a.n_out;
+      const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(elems, 256), 4 * sm_count()));
+      MOEKIT_TRY(launch_dependent(split_k_reduce_kernel, dim3(blocks), dim3(256), 0, stream,
+                                  static_cast<const float *>(p.partials), split_args.split_k,
+                                  split_args.split_stride, p.expert_counts, static_cast<float *>(p.y), a.n_out,
+                                  elems));
+      return MOEKIT_OK;
+    }
+  }
+  return run_wgmma<64, 8, kEpilogue, OutT>(p, a, stream);
 }
 
 template <typename OutT>
@@ -127,7 +180,7 @@ moekit_status dispatch_epilogue(const moekit_grouped_gemm_params &p, const Args 
 extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream) {
   using namespace moekit::gemm;
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
-      p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
+      p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr || p->partials_capacity < 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
       (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {
@@ -145,6 +198,10 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.n = p->n;
   a.k = p->k;
   a.n_out = p->epilogue == MOEKIT_EPILOGUE_SWIGLU ? p->n / 2 : p->n;
+  a.partials = nullptr;
+  a.split_stride = 0;
+  a.split_k = 1;
+  a.kb_per_split = (int32_t)moekit::ceil_div(p->k, kBlockK);
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

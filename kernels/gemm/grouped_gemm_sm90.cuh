@@ -58,6 +58,12 @@ struct Args {
   const float *row_weights;
   int32_t *tile_counter;  // zeroed before the launch; CTAs claim tiles from it in order
   void *y;
+  // Split-K: each (tile, split) sums k-blocks [split * kb_per_split, +kb_per_split) into
+  // partials + split * split_stride (f32, the layout of y); split_k = 1 writes y directly.
+  float *partials;
+  int64_t split_stride;
+  int32_t split_k;
+  int32_t kb_per_split;
   int32_t n;      // weight rows per expert
   int32_t k;
   int32_t n_out;  // output columns (n, or n/2 for SwiGLU); also the row stride of y
@@ -92,8 +98,8 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 // go through shared memory so that global stores are whole 16-byte chunks of 256-byte row runs
 // (v1 stored the 4-byte pairs directly: ~8% slower GEMMs, measured on the DeepSeek-V3 gate+up).
 template <int BN, int kEpilogue, typename OutT>
-__device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const float (&acc)[BN / 2], int consumer,
-                                         int warp, int lane, uint8_t *buf) {
+__device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile &tile, const float (&acc)[BN / 2],
+                                         int consumer, int warp, int lane, uint8_t *buf) {
   // The row scale is applied on the way out, in f32 (the staging then holds f32): applied to the
   // accumulators it kept two scales live next to them and the consumer spilled at its 240-register
   // limit.
@@ -105,7 +111,7 @@ __device__ __forceinline__ void epilogue(const Args &a, const Tile &tile, const 
   constexpr int kChunkCols = 16 / (int)sizeof(StageT);  // columns per 16-byte staging chunk
   const int row_base = tile.row0 + consumer * 64;
   const int col_base = tile.col_block * kOutCols;
-  OutT *y = static_cast<OutT *>(a.y);
+  OutT *y = static_cast<OutT *>(y_base);
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     // 1. accumulators -> staging (columns [pass * kPassCols, +kPassCols) of the tile's output)
@@ -170,7 +176,9 @@ constexpr size_t smem_bytes() {
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 1024;
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT>
+// kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
+// instantiation: the extra index arithmetic cost the 128 x 256 kernels an 8-byte spill).
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                               const Args a) {
@@ -211,7 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
-      const int total = __ldg(a.num_tiles) * col_blocks;
+      const int splits = kSplitK ? a.split_k : 1;
+      const int total = __ldg(a.num_tiles) * col_blocks * splits;
       int stage = 0;
       uint32_t phase = 0;
       while (true) {
@@ -223,9 +232,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::mbar_arrive(&full[stage]);
           break;
         }
-        const Tile tile = decode_tile(a, t, col_blocks);
+        const Tile tile = decode_tile(a, kSplitK ? t / splits : t, col_blocks);
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
-        for (int kb = 0; kb < k_blocks; ++kb) {
+        const int kb_begin = kSplitK ? (t % splits) * a.kb_per_split : 0;
+        const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
+        for (int kb = kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           stage_tile[stage] = t;  // published by the arrive below (release), read after the wait (acquire)
           sm90::mbar_arrive_expect_tx(&full[stage], kStageBytes);
@@ -261,11 +272,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) t = stage_tile[stage];
       t = __shfl_sync(0xffffffffu, t, 0);
       if (t < 0) break;
-      const Tile tile = decode_tile(a, t, col_blocks);
+      const int split = kSplitK ? t % a.split_k : 0;
+      const Tile tile = decode_tile(a, kSplitK ? t / a.split_k : t, col_blocks);
+      const int kb_begin = kSplitK ? split * a.kb_per_split : 0;
+      // The host keeps every split non-empty.
+      const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
       // A consumer whose 64 rows all lie past the expert's segment skips the math: the ragged last
       // tile of an expert then costs half a tile of tensor-core time.
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         if (active) {
           const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
@@ -274,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < kBlockK / 16; ++kk) {
             wgmma_tile<BN>(acc, sm90::desc_k_major_sw128(a_base + kk * 32),
-                           sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
+                           sm90::desc_k_major_sw128(b_base + kk * 32), (kb > kb_begin || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
           sm90::fence_operands(acc);
@@ -295,7 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (active) {
-        epilogue<BN, kEpilogue, OutT>(a, tile, acc, consumer, warp, lane, staging + consumer * 64 * kStageRowBytes);
+        void *y_base = kSplitK ? static_cast<void *>(a.partials + split * a.split_stride) : a.y;
+        epilogue<BN, kEpilogue, OutT>(a, y_base, tile, acc, consumer, warp, lane,
+                                      staging + consumer * 64 * kStageRowBytes);
       }
     }
   }
