@@ -1,8 +1,10 @@
 //! # moekit
 //!
 //! Hand-written CUDA kernels for sparse Mixture-of-Experts layers on NVIDIA Hopper (H100/H200,
-//! compute capability 9.0): top-k gating, token permutation (routing plan, permute, combine), the grouped
-//! expert GEMM (TMA + WGMMA), MLA latent-KV decompression and a device bandwidth probe, with a CPU reference of every kernel in [`reference`](mod@reference).
+//! compute capability 9.0): top-k gating, token permutation (routing plan, permute, combine), the
+//! grouped expert GEMM (TMA + WGMMA), MLA latent-KV decompression and a device bandwidth probe,
+//! composed into a whole MoE layer ([`moe::MoeLayer`]), with a CPU reference of every kernel in
+//! [`reference`](mod@reference).
 //!
 //! Every launch function takes a cudarc [`CudaStream`](cudarc::driver::CudaStream) and device
 //! buffers ([`CudaSlice`](cudarc::driver::CudaSlice), [`CudaView`](cudarc::driver::CudaView),
@@ -21,6 +23,27 @@
 //! let bias = stream.alloc_zeros::<f32>(cfg.num_experts)?;
 //! let inputs = moekit::gating::GatingInputs::new(logits.as_view(), 4).correction_bias(bias.as_view());
 //! moekit::gating::topk_gating(stream, &cfg, &inputs, &mut ids, &mut weights, None)?;
+//! # Ok(()) }
+//! ```
+//!
+//! The whole layer, DeepSeek-V3-shaped with random weights (`examples/moe_layer.rs` times it per
+//! stage and checks it against the CPU reference):
+//!
+//! ```no_run
+//! # fn main() -> moekit::Result<()> {
+//! use moekit::moe::{MoeConfig, MoeLayer};
+//! let ctx = moekit::Context::new(0)?;
+//! let stream = ctx.stream();
+//! let tokens = 4096;
+//! let cfg = MoeConfig::deepseek_v3();
+//! let hidden = cfg.hidden;
+//! // Weights made on the GPU; workspace for up to `tokens` tokens per forward.
+//! let mut layer = MoeLayer::random(stream, cfg, tokens, 1, |what| eprintln!("making {what}"))?;
+//! let x = stream.alloc_zeros::<half::bf16>(tokens * hidden)?; // [T, H] bf16 hidden states
+//! let mut out = stream.alloc_zeros::<half::bf16>(tokens * hidden)?;
+//! // Enqueues router GEMM, gating, plan, permute, both expert GEMMs, shared expert and combine:
+//! // no host synchronization and no allocation, so it can be captured in a CUDA graph.
+//! layer.forward(stream, &x.as_view(), tokens, &mut out.as_view_mut())?;
 //! # Ok(()) }
 //! ```
 //!
