@@ -42,6 +42,10 @@ san() { # $1 tool
   done
   summary+=("$1: $fails failing binaries")
 }
+# SM clock, power and temperature every 200 ms from here to the end (is a case power-limited?).
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 200 \
+  >"$out/smi-log.csv" 2>&1 &
+smi_pid=$!
 if has bench; then
   if has anchors; then
     PYTHONUNBUFFERED=1 timeout 400 python3 .gpu/anchors/torch_anchors.py --cases "${ANCHOR_CASES:-dsv3,qwen3,mixtral}" \
@@ -87,6 +91,7 @@ if has ncu-mla; then
     .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla.txt" 2>&1
   summary+=("ncu-mla: rc=$?")
 fi
+kill "$smi_pid" 2>/dev/null
 # Sanitizers last: the slowest step, cut by DEADLINE.
 has memcheck && san memcheck
 has racecheck && san racecheck
