@@ -67,7 +67,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let mut case = spec.build(&ctx)?;
+        let started = unix_ms();
         let result = case.measure(5, args.reps)?;
+        let ended = unix_ms();
         drop(case);
         if is_ceiling {
             // The best measured copy (ours or the driver's memcpy) is the memory roofline.
@@ -94,6 +96,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 "gbps": result.gbps(),
                 "roofline_pct": result.roofline_pct(&roof),
                 "torch_us": torch_us,
+                // Wall-clock span of the timed runs (Unix ms), to line a case up with a log of
+                // the GPU's clocks and power (device-check's smi-log.csv).
+                "start_unix_ms": started,
+                "end_unix_ms": ended,
             }),
         );
     }
@@ -101,4 +107,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out))?)?;
     }
     Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
