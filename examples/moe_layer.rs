@@ -72,48 +72,6 @@ fn config(p: Preset) -> (&'static str, MoeConfig) {
     }
 }
 
-/// (FLOPs, floor bytes) of each stage, counted like the crate's benchmark cases.
-fn stage_costs(cfg: &MoeConfig, t: usize, touched: usize) -> BTreeMap<&'static str, (f64, f64)> {
-    let (e, k, h, i, s) = (
-        cfg.num_experts() as f64,
-        cfg.top_k() as f64,
-        cfg.hidden as f64,
-        cfg.intermediate as f64,
-        cfg.shared_intermediate as f64,
-    );
-    let t = t as f64;
-    let m = t * k;
-    let touched = touched as f64;
-    BTreeMap::from([
-        (
-            "router",
-            (2.0 * t * h * e, 2.0 * (t * h + e * h) + 4.0 * t * e),
-        ),
-        ("gating", (0.0, 4.0 * t * e + 8.0 * t * k)),
-        ("plan", (0.0, 12.0 * m)),
-        ("permute", (0.0, 2.0 * (t * h + m * h))),
-        (
-            "gemm-up",
-            (
-                2.0 * m * h * 2.0 * i,
-                2.0 * (m * h + m * i + touched * 2.0 * i * h),
-            ),
-        ),
-        (
-            "gemm-down",
-            (2.0 * m * i * h, 2.0 * (m * i + m * h + touched * h * i)),
-        ),
-        (
-            "shared",
-            (
-                6.0 * t * h * s,
-                2.0 * (t * h + 3.0 * s * h + 2.0 * t * s + t * h),
-            ),
-        ),
-        ("combine", (0.0, 2.0 * (m * h + 2.0 * t * h))),
-    ])
-}
-
 fn event(s: &Arc<CudaStream>) -> moekit::Result<CudaEvent> {
     Ok(s.context()
         .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?)
@@ -217,7 +175,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut hit = vec![false; e];
     ids_host.iter().for_each(|&id| hit[id as usize] = true);
     let touched = hit.iter().filter(|b| **b).count();
-    let costs = stage_costs(&cfg, t, touched);
     let roof = Roofline {
         copy_gbps: 4250.0,
         ..Roofline::default()
@@ -230,7 +187,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let Some(v) = samples.get_mut(name) else {
             continue;
         };
-        let (flops, bytes) = costs[name];
+        let (flops, bytes) = stage.cost(&cfg, t, touched);
         let r = CaseResult {
             case: format!("{model}/T{t}/{name}"),
             median_us: median(v),
@@ -239,10 +196,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         println!("{}", r.line(&roof));
     }
-    let total_flops: f64 = costs
-        .iter()
-        .filter(|(name, _)| synthetic.is_none() || !matches!(**name, "router" | "gating"))
-        .map(|(_, c)| c.0)
+    let total_flops: f64 = Stage::ALL
+        .into_iter()
+        .filter(|st| synthetic.is_none() || !matches!(st, Stage::Router | Stage::Gating))
+        .map(|st| st.cost(&cfg, t, touched).0)
         .sum();
     let total = CaseResult {
         case: if synthetic.is_some() {

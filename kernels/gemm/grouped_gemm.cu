@@ -109,18 +109,15 @@ __global__ void split_k_reduce_kernel(const float *__restrict__ partials, int sp
   }
 }
 
-// Splits of K for a one-expert f32 STORE problem whose 128 x 64 tiles fill fewer than half of the
-// SMs (the router GEMM at small T: K = 7168 streamed through 4 CTAs took 44 us at T = 128 on the
-// H200, cuBLAS 27 us), or 1. At least 4 k-blocks per split, at most 16 splits, and the partials
-// must fit the caller's scratch. Returns the split count and sets kb_per_split.
-template <int kEpilogue, typename OutT>
-int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int *kb_per_split) {
+// Splits of K for an f32 STORE problem (the caller's check) of one expert whose 128 x 64 tiles fill
+// fewer than half of the SMs (the router GEMM at small T: K = 7168 streamed through 4 CTAs took
+// 44 us at T = 128 on the H200, cuBLAS 27 us), or 1. At least 4 k-blocks per split, at most 16
+// splits, and the partials must fit the caller's scratch. Returns the split count and sets
+// kb_per_split.
+inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int *kb_per_split) {
   const int k_blocks = (int)ceil_div(p.k, kBlockK);
   *kb_per_split = k_blocks;
-  if (kEpilogue != MOEKIT_EPILOGUE_STORE || !std::is_same<OutT, float>::value || p.num_local != 1 ||
-      p.partials == nullptr) {
-    return 1;
-  }
+  if (p.num_local != 1 || p.partials == nullptr) return 1;
   const int64_t narrow_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, 64);
   int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, narrow_tiles), k_blocks / 4});
   while (split >= 2 && split * p.x_rows * a.n_out > p.partials_capacity) --split;
@@ -148,7 +145,7 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   if (2 * wide_tiles >= sm_count()) return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
     Args split_args = a;
-    split_args.split_k = choose_split_k<kEpilogue, OutT>(p, a, &split_args.kb_per_split);
+    split_args.split_k = choose_split_k(p, a, &split_args.kb_per_split);
     if (split_args.split_k > 1) {
       split_args.partials = p.partials;
       split_args.split_stride = p.x_rows * a.n_out;

@@ -265,12 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      // Only lane 0 reads the tile id (and broadcasts it): the thread that frees the stage below
-      // is then the only one that read it, so the producer's next write is ordered after every
-      // read by that arrive alone.
-      int t = 0;
-      if (lane == 0) t = stage_tile[stage];
-      t = __shfl_sync(0xffffffffu, t, 0);
+      const int t = sm90::read_stage_tile(stage_tile, stage, lane);
       if (t < 0) break;
       const int split = kSplitK ? t % a.split_k : 0;
       const Tile tile = decode_tile(a, kSplitK ? t / a.split_k : t, col_blocks);
@@ -299,11 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
         }
-        // One arrival per warp, after every lane's WGMMA reads of the stage are complete (the
-        // wait above) and the warp has converged. 256 arrivals per stage (v4) cost 3-15% against
-        // 8 (v4b, BENCHMARKS.md run 12).
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(&empty[stage]);
+        sm90::release_stage(&empty[stage], lane);  // every lane's WGMMA reads are complete (the wait above)
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;

@@ -396,15 +396,10 @@ fn layer_case(
     cfg: crate::moe::MoeConfig,
 ) -> Result<BenchCase> {
     let stream = ctx.stream().clone();
-    let (e, k, h, i, s) = (
-        cfg.num_experts() as f64,
-        cfg.top_k() as f64,
-        cfg.hidden as f64,
-        cfg.intermediate as f64,
-        cfg.shared_intermediate as f64,
-    );
-    let t = tokens as f64;
-    let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 6.0 * t * h * s;
+    let flops = crate::moe::Stage::ALL
+        .into_iter()
+        .map(|stage| stage.cost(&cfg, tokens, cfg.num_experts()).0)
+        .sum();
     let mut layer = crate::moe::MoeLayer::random(&stream, cfg.clone(), tokens, 42, |_| {})?;
     let x = device_normal::<bf16>(&stream, &mut rng(6), tokens * cfg.hidden, 1.0)?;
     // SAFETY: written by the forwards being timed.

@@ -59,6 +59,38 @@ impl Stage {
             Stage::Combine => "combine",
         }
     }
+
+    /// (FLOPs, floor bytes) of this stage in a forward of `tokens` tokens whose routing touched
+    /// `touched` experts: each input read once and each output written once, counted as the
+    /// crate's benchmark cases (and torch_anchors.py) count them. A stage without math has 0 FLOPs.
+    pub fn cost(self, cfg: &MoeConfig, tokens: usize, touched: usize) -> (f64, f64) {
+        let (e, k, h, i, s) = (
+            cfg.num_experts() as f64,
+            cfg.top_k() as f64,
+            cfg.hidden as f64,
+            cfg.intermediate as f64,
+            cfg.shared_intermediate as f64,
+        );
+        let t = tokens as f64;
+        let m = t * k;
+        let touched = touched as f64;
+        match self {
+            Stage::Router => (2.0 * t * h * e, 2.0 * (t * h + e * h) + 4.0 * t * e),
+            Stage::Gating => (0.0, 4.0 * t * e + 8.0 * t * k),
+            Stage::Plan => (0.0, 12.0 * m),
+            Stage::Permute => (0.0, 2.0 * (t * h + m * h)),
+            Stage::GemmUp => (
+                2.0 * m * h * 2.0 * i,
+                2.0 * (m * h + m * i + touched * 2.0 * i * h),
+            ),
+            Stage::GemmDown => (2.0 * m * i * h, 2.0 * (m * i + m * h + touched * h * i)),
+            Stage::Shared => (
+                6.0 * t * h * s,
+                2.0 * (t * h + 3.0 * s * h + 2.0 * t * s + t * h),
+            ),
+            Stage::Combine => (0.0, 2.0 * (m * h + 2.0 * t * h)),
+        }
+    }
 }
 
 /// Device buffers sized once from (max_tokens, config): a forward allocates nothing and never
