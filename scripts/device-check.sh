@@ -5,7 +5,7 @@
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
 # printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
-# --filter), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES, DEADLINE (seconds; later sanitizer runs skip).
+# --filter), SANITIZE (test binaries for the sanitizers, default all), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES, DEADLINE (seconds; later sanitizer runs skip).
 set -u
 cd "$(dirname "$0")/.."
 # A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
@@ -35,6 +35,7 @@ san() { # $1 tool
   for t in .gpu/tests/*; do
     n=$(basename "$t")
     [ "$n" = lib-moekit ] && continue  # no tests: the sanitizer would report "no CUDA API call"
+    [ -n "${SANITIZE:-}" ] && [[ ",$SANITIZE," != *",$n,"* ]] && continue
     if [ "$SECONDS" -gt "$deadline" ]; then echo "$1 $n: skipped (deadline)" >>"$out/sanitizer.txt"; continue; fi
     PROPTEST_CASES=8 timeout 300 compute-sanitizer --tool "$1" --error-exitcode 99 "$t" --include-ignored --skip deepseek_v3 --skip gpu_decompress_large_matches_oracle \
       >"$out/$1-$n.txt" 2>&1 || { fails=$((fails+1)); echo "$1 $n: rc=$?" >>"$out/$1-failures.txt"; }
@@ -85,6 +86,13 @@ if has ncu-gating; then
   timeout 300 ncu --clock-control none -k regex:topk_gating --launch-skip 10 --launch-count 1 --set full \
     .gpu/examples/bench_report --filter dsv3/T16384/gate-noaux-tc --tokens 16384 --reps 12 >"$out/ncu-gating.txt" 2>&1
   summary+=("ncu-gating: rc=$?")
+  # Executed instructions per SASS instruction (which lines of the kernel cost the ~1000
+  # instructions per row?): the source page of a SourceCounters report.
+  timeout 200 ncu --clock-control none -k regex:topk_gating --launch-skip 10 --launch-count 1 --section SourceCounters \
+    -f -o "$out/gating-source" .gpu/examples/bench_report --filter dsv3/T4096/gate-noaux-tc --tokens 4096 --reps 12 \
+    >"$out/ncu-gating-source.txt" 2>&1
+  ncu -i "$out/gating-source.ncu-rep" --page source --print-source sass --csv >"$out/gating-sass.csv" 2>&1
+  summary+=("ncu-gating source: rc=$?")
 fi
 if has ncu-mla; then
   timeout 200 ncu --clock-control none -k regex:decompress_wgmma --launch-skip 3 --launch-count 1 --set full \

@@ -412,6 +412,33 @@ pub struct RowScales<'a, 'b> {
     pub layout: ScaleLayout,
 }
 
+/// Which kernel moves the rows in [`permute_using`] and [`combine`] (see [`CombineInputs::kernel`]).
+/// Every choice writes the same bytes: the sums of combine run in the same slot order in both
+/// kernels, so their outputs are bitwise equal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopyKernel {
+    /// The launcher's choice by shape (the measurements are in `kernels/permute/*.cu`).
+    #[default]
+    Auto,
+    /// One warp per token with 16-byte (or narrower) loads and stores: any row size and alignment.
+    /// The simple kernel, kept as the oracle of the bulk one.
+    WarpPerToken,
+    /// One block per (token, row chunk), rows moved by the bulk-copy engine through shared memory.
+    /// Needs rows whose byte size and base addresses are multiples of 16 and, for permute, no
+    /// scales; [`Error::Unsupported`] otherwise.
+    Bulk,
+}
+
+impl CopyKernel {
+    fn code(self) -> i32 {
+        (match self {
+            CopyKernel::Auto => ffi::MOEKIT_COPY_AUTO,
+            CopyKernel::WarpPerToken => ffi::MOEKIT_COPY_WARP,
+            CopyKernel::Bulk => ffi::MOEKIT_COPY_BULK,
+        }) as i32
+    }
+}
+
 /// Copies token rows `x` `[tokens, hidden]` to their permuted rows in `xp` `[rows, hidden]`
 /// (`rows` ≥ [`RoutingPlan::rows`]; a buffer of `max_rows` rows fits every build)
 /// (any element type: bf16, f16, f32, FP8 as bytes…), zero-filling each segment's padding rows.
@@ -424,6 +451,19 @@ pub fn permute<T: DeviceRepr>(
     x: &impl DevicePtr<T>,
     xp: &mut impl DevicePtrMut<T>,
     scales: Option<RowScales<'_, '_>>,
+) -> Result<()> {
+    permute_using(stream, plan, hidden, x, xp, scales, CopyKernel::Auto)
+}
+
+/// [`permute`] with the kernel chosen by the caller (tests and benchmarks compare them).
+pub fn permute_using<T: DeviceRepr>(
+    stream: &CudaStream,
+    plan: &RoutingPlan,
+    hidden: usize,
+    x: &impl DevicePtr<T>,
+    xp: &mut impl DevicePtrMut<T>,
+    scales: Option<RowScales<'_, '_>>,
+    kernel: CopyKernel,
 ) -> Result<()> {
     let tokens = plan.built_tokens()?;
     let cfg = plan.config();
@@ -502,7 +542,7 @@ pub fn permute<T: DeviceRepr>(
         top_k: cfg.top_k as i32,
         num_local: cfg.num_local() as i32,
         align: cfg.align as i32,
-        _pad: 0,
+        kernel: kernel.code(),
     };
     // SAFETY: x holds tokens rows and xp (and the scale buffers) at least the build's row bound of
     // the row sizes passed, as checked above; the plan's inverse map only holds rows below that
@@ -523,6 +563,8 @@ pub struct CombineInputs<'a, Y, O> {
     pub shared: Option<CudaView<'a, O>>,
     /// Residual `[tokens, hidden]` added to the sum, or `None`.
     pub residual: Option<CudaView<'a, O>>,
+    /// The kernel that runs it ([`CopyKernel::Auto`] unless set).
+    pub kernel: CopyKernel,
 }
 
 impl<'a, Y, O> CombineInputs<'a, Y, O> {
@@ -533,7 +575,14 @@ impl<'a, Y, O> CombineInputs<'a, Y, O> {
             weights,
             shared: None,
             residual: None,
+            kernel: CopyKernel::Auto,
         }
+    }
+
+    /// Runs the combine with `kernel` instead of the launcher's choice.
+    pub fn kernel(mut self, kernel: CopyKernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// Adds a shared-expert output.
@@ -618,7 +667,7 @@ pub fn combine<Y: Element, O: Element>(
         top_k: cfg.top_k as i32,
         y_dtype: Y::DTYPE.code(),
         out_dtype: O::DTYPE.code(),
-        _pad: 0,
+        kernel: inputs.kernel.code(),
     };
     // SAFETY: y covers the build's row bound (every row the inverse map can name), weights/shared/residual
     // and out have the [tokens, ...] sizes checked above; out is borrowed mutably, so it aliases

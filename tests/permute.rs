@@ -3,7 +3,8 @@
 
 use half::{bf16, f16};
 use moekit::permute::{
-    combine, permute, CombineInputs, PlanConfig, RoutingPlan, RowScales, ScaleLayout, ALIGNMENTS,
+    combine, permute, permute_using, CombineInputs, CopyKernel, PlanConfig, RoutingPlan, RowScales,
+    ScaleLayout, ALIGNMENTS,
 };
 use moekit::reference::permute as reference;
 use moekit::testing::{fresh_seed, gpu, normal_vec, rel_l2_error, rng, routing, upload, Routing};
@@ -267,6 +268,28 @@ fn check_permute<T>(
         xp[total * hidden..].iter().all(|v| *v == poison),
         "{what}: wrote past the padded total"
     );
+    // Each kernel on its own writes the same rows (the bulk one only where rows are 16-byte
+    // multiples on 16-byte bases and no scales move; elsewhere it is refused).
+    if scales.is_none() {
+        let bulk_ok = (hidden * std::mem::size_of::<T>()) % 16 == 0;
+        for kernel in [CopyKernel::WarpPerToken, CopyKernel::Bulk] {
+            let mut d_xp2 = s.clone_htod(&vec![poison; rows * hidden]).unwrap();
+            let res = permute_using(s, &plan, hidden, &d_x, &mut d_xp2, None, kernel);
+            if kernel == CopyKernel::Bulk && !bulk_ok {
+                assert!(
+                    matches!(res, Err(Error::Unsupported { .. })),
+                    "{what}: bulk permute of {hidden}-element rows: {res:?}"
+                );
+                continue;
+            }
+            res.unwrap();
+            let xp2 = s.clone_dtoh(&d_xp2).unwrap();
+            assert!(
+                xp2 == xp,
+                "{what}: {kernel:?} differs from the launcher's choice"
+            );
+        }
+    }
     if scales.is_some() {
         let got = s.clone_dtoh(&d_xp_scales.slice(..rows * cols)).unwrap();
         let expect = reference::permute(&want, &x_scales, cols, cfg.top_k);
@@ -465,6 +488,40 @@ fn check_combine<Y: Element, O: Element>(
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "{what}: rerun differs"
     );
+    // The warp and bulk kernels sum in the same order: bitwise equal outputs. The bulk kernel
+    // needs 16-byte rows of y and is refused otherwise.
+    let bulk_ok = (hidden * std::mem::size_of::<Y>()) % 16 == 0;
+    for kernel in [CopyKernel::WarpPerToken, CopyKernel::Bulk] {
+        let mut other = s
+            .clone_htod(&vec![O::from_f32(f32::NAN); tokens * hidden])
+            .unwrap();
+        let mut forced = CombineInputs::<Y, O>::new(d_y.as_view(), weighted.then(|| d_w.as_view()))
+            .kernel(kernel);
+        if extras {
+            forced = forced.shared(d_shared.as_view()).residual(d_res.as_view());
+        }
+        let res = combine(s, &plan, hidden, &forced, &mut other);
+        if kernel == CopyKernel::Bulk && !bulk_ok {
+            assert!(
+                matches!(res, Err(Error::Unsupported { .. })),
+                "{what}: bulk combine of {hidden}-element rows: {res:?}"
+            );
+            continue;
+        }
+        res.unwrap();
+        let other: Vec<f32> = s
+            .clone_dtoh(&other)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        assert!(
+            got.iter()
+                .zip(&other)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: {kernel:?} differs from the launcher's choice"
+        );
+    }
 }
 
 #[test]
@@ -524,6 +581,39 @@ fn combine_matches_reference() {
         false,
         4e-3,
         "k=32",
+    );
+    // The bulk kernel's chunk sizes: k = 2 bf16 takes 4096-element chunks (16 per thread), so
+    // H = 4104 ends in a chunk of 8 elements, shorter than one thread's slice; k = 4 takes 2048;
+    // k = 1 f32 takes 4096 and H = 4100 leaves 4.
+    check_combine::<bf16, bf16>(
+        &ctx,
+        &PlanConfig::new(200, 2, 8),
+        200,
+        4104,
+        true,
+        true,
+        4e-3,
+        "k=2 H=4104 (partial slice)",
+    );
+    check_combine::<bf16, bf16>(
+        &ctx,
+        &PlanConfig::new(150, 4, 16),
+        150,
+        3000,
+        true,
+        false,
+        4e-3,
+        "k=4 H=3000",
+    );
+    check_combine::<f32, f16>(
+        &ctx,
+        &PlanConfig::new(90, 1, 4),
+        90,
+        4100,
+        true,
+        true,
+        1e-3,
+        "k=1 f32 H=4100",
     );
     check_combine::<bf16, f32>(
         &ctx,

@@ -13,6 +13,7 @@
 #include "device/convert.cuh"
 #include "device/launch.cuh"
 #include "device/load.cuh"
+#include "device/sm90.cuh"
 #include "moekit.h"
 
 namespace moekit {
@@ -126,6 +127,113 @@ __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const moekit_combi
   }
 }
 
+// The bulk-copy combine (MOEKIT_COPY_BULK): one block per (token, chunk of kBulkThreads * kPer
+// elements). Thread 0 fetches the chunk of each of the token's k rows with one bulk copy (2 KB or
+// more contiguous per row, where the warp kernel reads 512 B per warp instruction), then every
+// thread sums its kPer elements over the slots in order, exactly as combine_kernel does: the two
+// kernels' outputs are bitwise equal. kPer is chosen so one block has about 16 KB of rows in
+// flight (k * chunk * sizeof(Ty)), the amount at which DeepSeek-V3 (k = 8, kPer = 4) measured
+// 3.6-4.3 TB/s; Mixtral (k = 2) with kPer = 4 (4 KB per block) fell behind the warp kernel.
+constexpr int kBulkThreads = 256;
+
+template <typename Ty, typename To, int kPer>
+__global__ void __launch_bounds__(kBulkThreads) combine_bulk_kernel(const moekit_combine_params p) {
+  constexpr int kChunk = kBulkThreads * kPer;  // elements of each row per block
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Ty *rows_smem = reinterpret_cast<Ty *>(smem_raw);  // [top_k][kChunk]
+  __shared__ uint64_t full;
+  __shared__ float weights[32];
+  __shared__ int rows[32];
+  // 32-bit division (the grid is < 2^31 blocks): the 64-bit one is a called routine whose
+  // register saves ptxas reports as 12 bytes of spills.
+  const uint32_t n_chunks = (uint32_t)((p.hidden + kChunk - 1) / kChunk);
+  const int64_t t = blockIdx.x / n_chunks;
+  const int64_t c0 = (int64_t)(blockIdx.x % n_chunks) * kChunk;
+  const int64_t rest = p.hidden - c0;
+  // A multiple of 16 bytes of Ty (the launcher's vector check), not necessarily of kPer.
+  const int len = (int)(rest < kChunk ? rest : kChunk);
+  const int k = p.top_k;
+  if (threadIdx.x < k) {
+    rows[threadIdx.x] = __ldg(p.inverse_map + t * k + threadIdx.x);
+    weights[threadIdx.x] = p.weights != nullptr ? __ldg(p.weights + t * k + threadIdx.x) : 1.0f;
+  }
+  if (threadIdx.x == 0) {
+    sm90::mbar_init(&full, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  const Ty *y = static_cast<const Ty *>(p.y);
+  if (threadIdx.x == 0) {
+    uint32_t bytes = 0;
+    for (int j = 0; j < k; ++j) bytes += rows[j] >= 0 ? (uint32_t)(len * sizeof(Ty)) : 0u;
+    sm90::mbar_arrive_expect_tx(&full, bytes);
+    for (int j = 0; j < k; ++j) {
+      if (rows[j] >= 0) {
+        sm90::bulk_load(rows_smem + j * kChunk, y + (int64_t)rows[j] * p.hidden + c0, (uint32_t)(len * sizeof(Ty)),
+                        &full);
+      }
+    }
+  }
+  sm90::mbar_wait(&full, 0);
+  const int e0 = threadIdx.x * kPer;
+  if (e0 >= len) return;
+  const int64_t at = t * p.hidden + c0 + e0;
+  if (e0 + kPer <= len) {
+    float acc[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      if (rows[j] < 0) continue;
+      const float w = weights[j];
+      // 16-byte shared-memory reads (wider Packed values went through the stack: 12 B spills).
+      constexpr int kPiece = kPer * sizeof(Ty) > 16 ? 16 / (int)sizeof(Ty) : kPer;
+#pragma unroll
+      for (int h = 0; h < kPer / kPiece; ++h) {
+        const Packed<Ty, kPiece> v =
+            *reinterpret_cast<const Packed<Ty, kPiece> *>(rows_smem + j * kChunk + e0 + h * kPiece);
+#pragma unroll
+        for (int i = 0; i < kPiece; ++i) acc[h * kPiece + i] = fmaf(w, Dtype<Ty>::to_f32(v.v[i]), acc[h * kPiece + i]);
+      }
+    }
+    if (p.shared != nullptr) add_packed<To, kPer>(static_cast<const To *>(p.shared) + at, acc);
+    if (p.residual != nullptr) add_packed<To, kPer>(static_cast<const To *>(p.residual) + at, acc);
+    store_packed<To, kPer>(static_cast<To *>(p.out) + at, acc);
+    return;
+  }
+  // The row's last, partial slice (len - e0 < kPer elements): the same sums, element by element.
+  for (int i = 0; i < len - e0; ++i) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      if (rows[j] >= 0) acc = fmaf(weights[j], Dtype<Ty>::to_f32(rows_smem[j * kChunk + e0 + i]), acc);
+    }
+    if (p.shared != nullptr) acc += Dtype<To>::to_f32(static_cast<const To *>(p.shared)[at + i]);
+    if (p.residual != nullptr) acc += Dtype<To>::to_f32(static_cast<const To *>(p.residual)[at + i]);
+    static_cast<To *>(p.out)[at + i] = Dtype<To>::from_f32(acc);
+  }
+}
+
+template <typename Ty, typename To, int kPer>
+moekit_status run_bulk_per(const moekit_combine_params &p, moekit_stream stream) {
+  constexpr int kChunk = kBulkThreads * kPer;
+  const int64_t blocks = p.tokens * ceil_div(p.hidden, (int64_t)kChunk);
+  if (blocks == 0) return MOEKIT_OK;
+  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  const size_t smem = (size_t)p.top_k * kChunk * sizeof(Ty);
+  auto kernel = combine_bulk_kernel<Ty, To, kPer>;
+  MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
+  kernel<<<(unsigned)blocks, kBulkThreads, smem, stream>>>(p);
+  return last_launch_status();
+}
+
+// kPer: the smallest of 4, 8, 16 elements per thread that puts >= 16 KB of rows in one block.
+template <typename Ty, typename To>
+moekit_status run_bulk(const moekit_combine_params &p, moekit_stream stream) {
+  const int64_t bytes_per_element = (int64_t)p.top_k * kBulkThreads * (int64_t)sizeof(Ty);
+  if (4 * bytes_per_element >= 16384) return run_bulk_per<Ty, To, 4>(p, stream);
+  if (8 * bytes_per_element >= 16384) return run_bulk_per<Ty, To, 8>(p, stream);
+  return run_bulk_per<Ty, To, 16>(p, stream);
+}
+
 template <typename Ty, typename To, int N, int U = 1, int B = 4>
 moekit_status run(const moekit_combine_params &p, moekit_stream stream) {
   const int64_t blocks = ceil_div(p.tokens, kWarps);
@@ -144,8 +252,14 @@ moekit_status run_types(const moekit_combine_params &p, moekit_stream stream) {
   const bool vector_ok = p.hidden % kN == 0 && aligned(p.y, 16) && aligned(p.out, out_bytes) &&
                          (p.shared == nullptr || aligned(p.shared, out_bytes)) &&
                          (p.residual == nullptr || aligned(p.residual, out_bytes));
-  // One vector position and 4 slots in flight per lane: DeepSeek-V3 T=4096 181 us, against 189
-  // (2 positions x 4 slots), 293 (1 x 8) and 320 (2 x 8) (BENCHMARKS.md, run 2).
+  if (p.kernel == MOEKIT_COPY_BULK) return vector_ok ? run_bulk<Ty, To>(p, stream) : MOEKIT_ERR_UNSUPPORTED;
+  // Auto: the bulk kernel where the rows allow it. Measured (H200, BENCHMARKS.md run 14, warp ->
+  // bulk with 1024-element chunks): DeepSeek-V3 T = 128 / 4096 / 16384: 82.7 -> 8.2, 181 -> 130,
+  // 695 -> 492 us; Qwen3 26.7 -> 5.7, 57.7 -> 43.0, 208 -> 146; Mixtral (k = 2) 17.5 -> 5.5,
+  // 38.5 -> 45.2, 134 -> 164, hence kPer grows as k falls (run_bulk).
+  if (p.kernel == MOEKIT_COPY_AUTO && vector_ok) return run_bulk<Ty, To>(p, stream);
+  // The warp kernel: one vector position and 4 slots in flight per lane: DeepSeek-V3 T=4096
+  // 181 us, against 189 (2 positions x 4 slots), 293 (1 x 8) and 320 (2 x 8) (BENCHMARKS.md, run 2).
   if (vector_ok) return run<Ty, To, kN>(p, stream);
   return run<Ty, To, 1>(p, stream);
 }
@@ -165,7 +279,8 @@ moekit_status run_out(const moekit_combine_params &p, moekit_stream stream) {
 
 extern "C" moekit_status moekit_combine(const moekit_combine_params *p, moekit_stream stream) {
   using namespace moekit::combine;
-  if (p == nullptr || p->tokens < 0 || p->top_k < 1 || p->top_k > 32 || p->hidden < 1) {
+  if (p == nullptr || p->tokens < 0 || p->top_k < 1 || p->top_k > 32 || p->hidden < 1 ||
+      p->kernel < MOEKIT_COPY_AUTO || p->kernel > MOEKIT_COPY_BULK) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
   switch (p->y_dtype) {

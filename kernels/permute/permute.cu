@@ -10,6 +10,7 @@
 
 #include "device/launch.cuh"
 #include "device/load.cuh"
+#include "device/sm90.cuh"
 #include "moekit.h"
 
 namespace moekit {
@@ -88,6 +89,52 @@ __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permu
   if (scale_words > 0) zero_row<4>(static_cast<unsigned char *>(p.xp_scales) + r * p.scale_bytes, scale_words, lane);
 }
 
+// The token scatter through the bulk-copy engine (MOEKIT_COPY_BULK). One block per (token, 8 KB
+// chunk of its row): one thread loads the chunk into shared memory once and stores it to the
+// token's k permuted rows with k bulk copies; no registers carry the data. Rows of 16-byte
+// multiples on 16-byte-aligned bases, no scales; the padding rows are zeroed by permute_kernel.
+// It wins where permute_kernel has too few token warps to keep the SMs' memory pipes full.
+constexpr int kBulkBytes = 8192;
+
+__global__ void __launch_bounds__(32) permute_bulk_kernel(const moekit_permute_params p, int64_t chunks_per_row) {
+  extern __shared__ __align__(128) unsigned char buf[];  // [kBulkBytes]
+  __shared__ uint64_t full;
+  if (threadIdx.x != 0) return;  // one thread drives the copies
+  const int64_t t = blockIdx.x / chunks_per_row;
+  const int64_t c0 = (blockIdx.x % chunks_per_row) * kBulkBytes;
+  const int64_t rest = p.row_bytes - c0;
+  const uint32_t bytes = (uint32_t)(rest < kBulkBytes ? rest : kBulkBytes);
+  sm90::mbar_init(&full, 1);
+  sm90::fence_barrier_init();
+  sm90::mbar_arrive_expect_tx(&full, bytes);
+  sm90::bulk_load(buf, static_cast<const unsigned char *>(p.x) + t * p.row_bytes + c0, bytes, &full);
+  int rows[32];
+  for (int j = 0; j < p.top_k; ++j) rows[j] = __ldg(p.inverse_map + t * p.top_k + j);
+  sm90::mbar_wait(&full, 0);
+  unsigned char *xp = static_cast<unsigned char *>(p.xp);
+  for (int j = 0; j < p.top_k; ++j) {
+    if (rows[j] >= 0) sm90::bulk_store(xp + rows[j] * p.row_bytes + c0, buf, bytes);
+  }
+  sm90::bulk_commit_group();
+  sm90::bulk_wait_group_read<0>();  // the buffer lives until every store has read it
+}
+
+moekit_status run_bulk(const moekit_permute_params &p, moekit_stream stream) {
+  const int64_t chunks = ceil_div(p.row_bytes, kBulkBytes);
+  const int64_t blocks = p.tokens * chunks;
+  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  if (blocks > 0) {
+    MOEKIT_TRY(allow_dynamic_smem(permute_bulk_kernel, kBulkBytes));
+    permute_bulk_kernel<<<(unsigned)blocks, 32, kBulkBytes, stream>>>(p, chunks);
+    MOEKIT_TRY_LAUNCH();
+  }
+  // The padding rows: permute_kernel's blocks past the token blocks (token_blocks = 0).
+  const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
+  if (pad_blocks == 0) return MOEKIT_OK;
+  permute_kernel<16, 8><<<(unsigned)pad_blocks, kWarps * 32, 0, stream>>>(p, 0);
+  return last_launch_status();
+}
+
 template <int VW, int kUnroll = 4>
 moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   const int64_t token_blocks = ceil_div(p.tokens, kWarps);
@@ -115,6 +162,15 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
   if (p->scale_bytes > 0 &&
       ((reinterpret_cast<uintptr_t>(p->x_scales) | reinterpret_cast<uintptr_t>(p->xp_scales)) % 4 != 0)) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  if (p->kernel < MOEKIT_COPY_AUTO || p->kernel > MOEKIT_COPY_BULK) return MOEKIT_ERR_INVALID_ARGUMENT;
+  const bool bulk_ok = bits % 16 == 0 && p->scale_bytes == 0;
+  if (p->kernel == MOEKIT_COPY_BULK) return bulk_ok ? run_bulk(*p, stream) : MOEKIT_ERR_UNSUPPORTED;
+  // Auto: the bulk kernel while permute_kernel would have fewer token blocks than SMs. Measured
+  // (H200, BENCHMARKS.md run 14, warp -> bulk): T = 128 DeepSeek-V3 19.3 -> 7.9 us, Qwen3 8.5 -> 5.3,
+  // Mixtral 6.6 -> 4.7; T = 4096 DeepSeek-V3 151 -> 154, Qwen3 40.8 -> 51.0, Mixtral 31.2 -> 30.6.
+  if (p->kernel == MOEKIT_COPY_AUTO && bulk_ok && moekit::ceil_div(p->tokens, (int64_t)kWarps) < moekit::sm_count()) {
+    return run_bulk(*p, stream);
   }
   if (bits % 16 == 0) {
     // 8 vectors per lane in flight: qwen3 T=4096 40 us against 45 with 4 (2: 45); DeepSeek-V3

@@ -16,7 +16,7 @@ use crate::mla::{
     decompress, write_fresh_tokens, DecompressProblem, FreshTokens, LatentNorm, LatentSource,
     MlaDims, MlaWorkspace, PagedCache, RopeConfig,
 };
-use crate::permute::{combine, permute, CombineInputs, PlanConfig, RoutingPlan};
+use crate::permute::{combine, permute_using, CombineInputs, CopyKernel, PlanConfig, RoutingPlan};
 use crate::testing::{device_normal, rng, routing, Routing};
 use crate::Context;
 
@@ -279,6 +279,7 @@ fn permute_case(
     e: usize,
     k: usize,
     h: usize,
+    kernel: CopyKernel,
 ) -> Result<BenchCase> {
     let (_ids, plan) = routed(ctx, tokens, e, k)?;
     let stream = ctx.stream().clone();
@@ -292,7 +293,7 @@ fn permute_case(
         name,
         None,
         Some(bytes),
-        Box::new(move |_| permute(&s, &plan, h, &x, &mut xp, None)),
+        Box::new(move |_| permute_using(&s, &plan, h, &x, &mut xp, None, kernel)),
     ))
 }
 
@@ -303,6 +304,7 @@ fn combine_case(
     e: usize,
     k: usize,
     h: usize,
+    kernel: CopyKernel,
 ) -> Result<BenchCase> {
     let (_ids, plan) = routed(ctx, tokens, e, k)?;
     let stream = ctx.stream().clone();
@@ -319,7 +321,8 @@ fn combine_case(
         None,
         Some(bytes),
         Box::new(move |_| {
-            let inputs = CombineInputs::<bf16, bf16>::new(y.as_view(), Some(w.as_view()));
+            let inputs =
+                CombineInputs::<bf16, bf16>::new(y.as_view(), Some(w.as_view())).kernel(kernel);
             combine(&s, &plan, h, &inputs, &mut out)
         }),
     ))
@@ -562,14 +565,22 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             v.push(CaseSpec::new(name.clone(), move |ctx| {
                 plan_case(ctx, &name, t, e, k)
             }));
-            let name = format!("{model}/T{t}/permute");
-            v.push(CaseSpec::new(name.clone(), move |ctx| {
-                permute_case(ctx, &name, t, e, k, h)
-            }));
-            let name = format!("{model}/T{t}/combine");
-            v.push(CaseSpec::new(name.clone(), move |ctx| {
-                combine_case(ctx, &name, t, e, k, h)
-            }));
+            // The launcher's choice under the anchor's name, then each kernel forced (the
+            // measurements behind the choice).
+            for (suffix, kernel) in [
+                ("", CopyKernel::Auto),
+                ("-warp", CopyKernel::WarpPerToken),
+                ("-bulk", CopyKernel::Bulk),
+            ] {
+                let name = format!("{model}/T{t}/permute{suffix}");
+                v.push(CaseSpec::new(name.clone(), move |ctx| {
+                    permute_case(ctx, &name, t, e, k, h, kernel)
+                }));
+                let name = format!("{model}/T{t}/combine{suffix}");
+                v.push(CaseSpec::new(name.clone(), move |ctx| {
+                    combine_case(ctx, &name, t, e, k, h, kernel)
+                }));
+            }
             let shape = (e, k, h, i);
             for (stage, suffix) in [
                 (GemmStage::Up, "gemm-up"),

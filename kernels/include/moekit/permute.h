@@ -42,6 +42,12 @@ MOEKIT_STATIC_ASSERT(sizeof(moekit_plan_params) == 136, "moekit_plan_params layo
 MOEKIT_EXTERN_C int64_t moekit_plan_chunk(int64_t assignments);
 MOEKIT_EXTERN_C moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit_stream stream);
 
+/* Which kernel moves the rows of permute and combine (field `kernel` of their params). */
+#define MOEKIT_COPY_AUTO 0  /* the launcher's choice (see permute.cu / combine.cu for the measurements) */
+#define MOEKIT_COPY_WARP 1  /* one warp per token, 16-byte (or narrower) loads and stores: any row */
+#define MOEKIT_COPY_BULK 2  /* one block per (token, row chunk), bulk copies through shared memory: rows
+                             * 16-byte aligned multiples, no scales; MOEKIT_ERR_UNSUPPORTED otherwise */
+
 typedef struct moekit_permute_params {
   const void *x;              /* [tokens, row_bytes] token rows */
   void *xp;                   /* [max_rows, row_bytes] permuted rows; rows past the padded total are not written */
@@ -56,7 +62,7 @@ typedef struct moekit_permute_params {
   int32_t top_k;
   int32_t num_local;
   int32_t align;
-  int32_t _pad;
+  int32_t kernel;             /* MOEKIT_COPY_* */
 } moekit_permute_params;
 MOEKIT_STATIC_ASSERT(sizeof(moekit_permute_params) == 96, "moekit_permute_params layout");
 
@@ -75,7 +81,7 @@ typedef struct moekit_combine_params {
   int32_t top_k;
   int32_t y_dtype;            /* MOEKIT_DTYPE_* */
   int32_t out_dtype;          /* MOEKIT_DTYPE_* */
-  int32_t _pad;
+  int32_t kernel;             /* MOEKIT_COPY_* */
 } moekit_combine_params;
 MOEKIT_STATIC_ASSERT(sizeof(moekit_combine_params) == 80, "moekit_combine_params layout");
 
