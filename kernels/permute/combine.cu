@@ -1,5 +1,7 @@
 // combine: out[t] = sum over slots s (in order) of w[t,s] * y[row(t,s)] + shared[t] + residual[t],
-// accumulated in f32, one warp per token, no atomics: deterministic and bitwise reproducible.
+// accumulated in f32, no atomics: deterministic and bitwise reproducible. Two kernels with the same
+// sums: one warp per token (any row; the oracle) and one block per (token, row chunk) fed by bulk
+// copies (16-byte rows; the launcher's choice, 94-100% of the copy bandwidth at DeepSeek-V3 shapes).
 //
 // Floor: read T*k*H elements of y once, write T*H: at DeepSeek-V3 T = 4096 (bf16) 470 MB + 59 MB,
 // 124 us at 4.25 TB/s. The k rows of one vector position are loaded in groups of B before any is
@@ -179,25 +181,29 @@ __global__ void __launch_bounds__(kBulkThreads) combine_bulk_kernel(const moekit
   if (e0 >= len) return;
   const int64_t at = t * p.hidden + c0 + e0;
   if (e0 + kPer <= len) {
-    float acc[kPer];
+    // The slice in pieces of kOut elements, each summed over the slots and stored before the next:
+    // out, shared and residual rows are aligned to the warp kernel's access of 16 / sizeof(Ty)
+    // elements only (the launcher's vector check), so no access may be wider (16-byte accesses of
+    // f16 out rows faulted), and 16 live sums spilled at the 32 registers to which ptxas holds a
+    // 256-thread kernel (8 blocks per SM).
+    constexpr int kOut = kPer < 16 / (int)sizeof(Ty) ? kPer : 16 / (int)sizeof(Ty);
+#pragma unroll 1  // one piece live at a time (unrolled, the pieces' loads were hoisted together)
+    for (int h = 0; h < kPer / kOut; ++h) {
+      float acc[kOut];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      if (rows[j] < 0) continue;
-      const float w = weights[j];
-      // 16-byte shared-memory reads (wider Packed values went through the stack: 12 B spills).
-      constexpr int kPiece = kPer * sizeof(Ty) > 16 ? 16 / (int)sizeof(Ty) : kPer;
+      for (int i = 0; i < kOut; ++i) acc[i] = 0.0f;
+      for (int j = 0; j < k; ++j) {
+        if (rows[j] < 0) continue;
+        const float w = weights[j];
+        const Packed<Ty, kOut> v = *reinterpret_cast<const Packed<Ty, kOut> *>(rows_smem + j * kChunk + e0 + h * kOut);
 #pragma unroll
-      for (int h = 0; h < kPer / kPiece; ++h) {
-        const Packed<Ty, kPiece> v =
-            *reinterpret_cast<const Packed<Ty, kPiece> *>(rows_smem + j * kChunk + e0 + h * kPiece);
-#pragma unroll
-        for (int i = 0; i < kPiece; ++i) acc[h * kPiece + i] = fmaf(w, Dtype<Ty>::to_f32(v.v[i]), acc[h * kPiece + i]);
+        for (int i = 0; i < kOut; ++i) acc[i] = fmaf(w, Dtype<Ty>::to_f32(v.v[i]), acc[i]);
       }
+      const int64_t at_h = at + h * kOut;
+      if (p.shared != nullptr) add_packed<To, kOut>(static_cast<const To *>(p.shared) + at_h, acc);
+      if (p.residual != nullptr) add_packed<To, kOut>(static_cast<const To *>(p.residual) + at_h, acc);
+      store_packed<To, kOut>(static_cast<To *>(p.out) + at_h, acc);
     }
-    if (p.shared != nullptr) add_packed<To, kPer>(static_cast<const To *>(p.shared) + at, acc);
-    if (p.residual != nullptr) add_packed<To, kPer>(static_cast<const To *>(p.residual) + at, acc);
-    store_packed<To, kPer>(static_cast<To *>(p.out) + at, acc);
     return;
   }
   // The row's last, partial slice (len - e0 < kPer elements): the same sums, element by element.

@@ -182,6 +182,23 @@ fn memcpy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
     ))
 }
 
+/// The driver's memset (cuMemsetD8Async) of 2 GiB: the write-only bandwidth, against which a
+/// write-dominated stage (permute writes k rows per row read) can be judged. Not a roofline.
+fn memset_case(ctx: &Context, name: &str) -> Result<BenchCase> {
+    const BYTES: usize = 2 << 30;
+    let stream = ctx.stream().clone();
+    // SAFETY: only written (by the memsets being timed).
+    let mut dst = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the memset target")?;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(BYTES as f64),
+        Box::new(move |_| s.memset_zeros(&mut dst).during("cuMemsetD8Async")),
+    ))
+}
+
 fn empty_case(ctx: &Context, name: &str) -> Result<BenchCase> {
     let s = ctx.stream().clone();
     Ok(case(
@@ -544,6 +561,9 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
         }),
         CaseSpec::new("ceiling/memcpy-2GiB".into(), |ctx| {
             memcpy_case(ctx, "ceiling/memcpy-2GiB")
+        }),
+        CaseSpec::new("reference/memset-2GiB".into(), |ctx| {
+            memset_case(ctx, "reference/memset-2GiB")
         }),
         CaseSpec::new("launch/empty-kernel".into(), |ctx| {
             empty_case(ctx, "launch/empty-kernel")
