@@ -582,9 +582,9 @@ fn combine_matches_reference() {
         4e-3,
         "k=32",
     );
-    // The bulk kernel's chunk sizes: k = 2 bf16 takes 4096-element chunks (16 per thread), so
-    // H = 4104 ends in a chunk of 8 elements, shorter than one thread's slice; k = 4 takes 2048;
-    // k = 1 f32 takes 4096 and H = 4100 leaves 4.
+    // The bulk kernel's chunk sizes: k = 2 bf16 takes 4096-element chunks (16 per thread, in two
+    // pieces of 8), so H = 4104 ends in a chunk of 8 elements that one thread sums; k = 4 takes
+    // 2048; k = 1 f32 takes 4096 (four pieces of 4, f16 out) and H = 4100 leaves 4.
     check_combine::<bf16, bf16>(
         &ctx,
         &PlanConfig::new(200, 2, 8),
@@ -593,7 +593,7 @@ fn combine_matches_reference() {
         true,
         true,
         4e-3,
-        "k=2 H=4104 (partial slice)",
+        "k=2 H=4104 (short last chunk)",
     );
     check_combine::<bf16, bf16>(
         &ctx,
