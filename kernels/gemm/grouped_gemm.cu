@@ -123,7 +123,9 @@ int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int *kb_p
   }
   const int64_t narrow_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, 64);
   int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, narrow_tiles), k_blocks / 4});
-  while (split >= 2 && split * p.x_rows * a.n_out > p.partials_capacity) --split;
+  // The partials cover the build's rows, not all of x: a plan sized for many tokens (an engine's
+  // maximum batch) still splits when it runs a few.
+  while (split >= 2 && split * p.rows * a.n_out > p.partials_capacity) --split;
   if (split < 2) return 1;
   const int per = (int)ceil_div(k_blocks, split);
   *kb_per_split = per;
@@ -151,9 +153,9 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
     split_args.split_k = choose_split_k<kEpilogue, OutT>(p, a, &split_args.kb_per_split);
     if (split_args.split_k > 1) {
       split_args.partials = p.partials;
-      split_args.split_stride = p.x_rows * a.n_out;
+      split_args.split_stride = p.rows * a.n_out;
       MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
-      const int64_t elems = p.x_rows * a.n_out;
+      const int64_t elems = p.rows * a.n_out;
       const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(elems, 256), 4 * sm_count()));
       MOEKIT_TRY(launch_dependent(split_k_reduce_kernel, dim3(blocks), dim3(256), 0, stream,
                                   static_cast<const float *>(p.partials), split_args.split_k,
@@ -181,7 +183,8 @@ moekit_status dispatch_epilogue(const moekit_grouped_gemm_params &p, const Args 
 extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream) {
   using namespace moekit::gemm;
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
-      p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr || p->partials_capacity < 0 ||
+      p->x_rows < 0 || p->rows < 0 || p->rows > p->x_rows || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
+      p->partials_capacity < 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
       (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {
