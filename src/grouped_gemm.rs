@@ -242,6 +242,7 @@ pub fn grouped_gemm<O: GemmOutput>(
         partials_capacity: partials_capacity as i64,
         // Every row x holds: the TMA map's bound (tiles read up to 127 rows past a segment).
         x_rows: (x.len() / k) as i64,
+        rows: rows as i64,
         n: n as i32,
         k: k as i32,
         num_local: n_local as i32,

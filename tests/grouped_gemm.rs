@@ -438,4 +438,25 @@ fn one_expert_split_k() {
         let mut c = case(&ctx, "one expert, f32 out", ids, t, 1, 1, n, k, 1);
         check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
     }
+    // A plan sized for far more tokens than it runs (an engine's maximum batch): the partial sums
+    // cover the build's rows only.
+    let (t, n, k, capacity) = (64, 256, 2048, 8192);
+    let s = ctx.stream();
+    let ids = routing(&mut r, t, 1, 1, Routing::Uniform);
+    let cfg = PlanConfig::new(capacity, 1, 1).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    let d_ids = upload(s, &ids).unwrap();
+    plan.build(s, &d_ids.slice(..ids.len()), t).unwrap();
+    let rows = cfg.max_rows();
+    let mut c = Case {
+        what: format!("one expert, plan for {capacity} tokens, T={t}, N={n}, K={k}"),
+        plan,
+        plan_ref: routing_plan(&cfg, &ids, t),
+        x: rounded(normal_vec(&mut r, rows * k, 1.0)),
+        w: rounded(normal_vec(&mut r, n * k, 0.05)),
+        weights: normal_vec(&mut r, t, 0.5),
+        n,
+        k,
+    };
+    check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
 }

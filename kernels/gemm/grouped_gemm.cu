@@ -74,6 +74,13 @@ moekit_status run_oracle(const moekit_grouped_gemm_params &p, const Args &a, moe
 
 static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
+// M tiles the last build can have: each expert's rows round up to whole tiles, so at most
+// rows / block_m + num_local, and never more than the plan's capacity. The heuristics use it
+// rather than the capacity alone: a plan sized for an engine's largest batch runs small ones too.
+inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
+  return std::min<int64_t>(p.max_tiles, ceil_div(p.rows, p.block_m) + p.num_local);
+}
+
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
@@ -87,7 +94,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
-  const int64_t max_work = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile) * a.split_k;
+  const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
   MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
   kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
@@ -118,9 +125,11 @@ inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, in
   const int k_blocks = (int)ceil_div(p.k, kBlockK);
   *kb_per_split = k_blocks;
   if (p.num_local != 1 || p.partials == nullptr) return 1;
-  const int64_t narrow_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, 64);
+  const int64_t narrow_tiles = tile_bound(p) * ceil_div(a.n_out, 64);
   int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, narrow_tiles), k_blocks / 4});
-  while (split >= 2 && split * p.x_rows * a.n_out > p.partials_capacity) --split;
+  // The partials cover the build's rows, not all of x: a plan sized for many tokens (an engine's
+  // maximum batch) still splits when it runs a few.
+  while (split >= 2 && split * p.rows * a.n_out > p.partials_capacity) --split;
   if (split < 2) return 1;
   const int per = (int)ceil_div(k_blocks, split);
   *kb_per_split = per;
@@ -141,16 +150,16 @@ template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
-  const int64_t wide_tiles = (int64_t)p.max_tiles * ceil_div(a.n_out, cols_per_tile);
+  const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
   if (2 * wide_tiles >= sm_count()) return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
     Args split_args = a;
     split_args.split_k = choose_split_k(p, a, &split_args.kb_per_split);
     if (split_args.split_k > 1) {
       split_args.partials = p.partials;
-      split_args.split_stride = p.x_rows * a.n_out;
+      split_args.split_stride = p.rows * a.n_out;
       MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
-      const int64_t elems = p.x_rows * a.n_out;
+      const int64_t elems = p.rows * a.n_out;
       const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(elems, 256), 4 * sm_count()));
       MOEKIT_TRY(launch_dependent(split_k_reduce_kernel, dim3(blocks), dim3(256), 0, stream,
                                   static_cast<const float *>(p.partials), split_args.split_k,
@@ -178,7 +187,8 @@ moekit_status dispatch_epilogue(const moekit_grouped_gemm_params &p, const Args 
 extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream) {
   using namespace moekit::gemm;
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
-      p->x_rows < 0 || p->x == nullptr || p->w == nullptr || p->y == nullptr || p->partials_capacity < 0 ||
+      p->x_rows < 0 || p->rows < 0 || p->rows > p->x_rows || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
+      p->partials_capacity < 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
       (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {

@@ -29,11 +29,12 @@ typedef struct moekit_grouped_gemm_params {
   const int32_t *row_map;      /* plan: [x_rows] (ROW_SCALE only)                              */
   const float *row_weights;    /* [tokens * top_k] routing weights (ROW_SCALE only)            */
   int32_t *tile_counter;       /* [1] scratch: the launcher zeroes it, the CTAs claim tiles from it */
-  float *partials;             /* scratch for split-K, or NULL: [split][x_rows][n_out] f32 partial
+  float *partials;             /* scratch for split-K, or NULL: [split][rows][n_out] f32 partial
                                   sums, used for one-expert f32 STORE problems whose tiles would
                                   leave most SMs idle (the router GEMM); reduced in split order  */
   int64_t partials_capacity;   /* elements partials holds                                       */
   int64_t x_rows;              /* rows x holds, at least the plan's row bound: TMA reads no further */
+  int64_t rows;                /* the last build's row bound (every segment row is below it), <= x_rows */
   int32_t n;                   /* rows of each expert's weight (for SWIGLU: 2 * intermediate)   */
   int32_t k;                   /* reduction dimension, a multiple of 8                          */
   int32_t num_local;
@@ -43,7 +44,7 @@ typedef struct moekit_grouped_gemm_params {
   int32_t out_dtype;           /* MOEKIT_DTYPE_BF16 or MOEKIT_DTYPE_F32                        */
   int32_t implementation;      /* MOEKIT_GEMM_*                                                */
 } moekit_grouped_gemm_params;
-MOEKIT_STATIC_ASSERT(sizeof(moekit_grouped_gemm_params) == 136, "moekit_grouped_gemm_params layout");
+MOEKIT_STATIC_ASSERT(sizeof(moekit_grouped_gemm_params) == 144, "moekit_grouped_gemm_params layout");
 
 MOEKIT_EXTERN_C moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream);
 
