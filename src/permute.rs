@@ -8,6 +8,12 @@
 //!
 //! Row order: expert segments in expert order, each padded to a multiple of `align` rows; within an
 //! expert, ascending token, then slot. Assignment `a = t * top_k + slot` of token `t`.
+//!
+//! Two kernels move the rows ([`CopyKernel`]): one warp per token (any row), and one block per
+//! (token, row chunk) fed by the bulk-copy engine (16-byte rows). The launcher picks by shape:
+//! combine always takes the bulk kernel where the rows allow it (H200, DeepSeek-V3 T = 4096:
+//! 129 µs against 180, 96% of the copy bandwidth); permute takes it only while the warp kernel
+//! would leave SMs idle (T = 128: 7.8 µs against 19.2).
 
 use std::ops::Range;
 use std::sync::Arc;
