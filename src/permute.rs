@@ -300,10 +300,16 @@ impl RoutingPlan {
     /// Waits for the last build and fails if any id was outside `[0, E)`. The only call here that
     /// synchronizes: for tests and debugging, not for the hot path.
     pub fn check_ids(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let tokens = self.built_tokens()?;
         let invalid = stream
             .clone_dtoh(&self.invalid_ids)
             .during("reading the plan's invalid-id counts")?;
-        let n: i64 = invalid.iter().map(|&v| v as i64).sum();
+        // Only the last build's chunks: a build with fewer chunks leaves older counts behind.
+        let assignments = (tokens * self.cfg.top_k) as i64;
+        // SAFETY: a pure function of its argument.
+        let chunk = unsafe { ffi::moekit_plan_chunk(assignments) };
+        let chunks = (assignments + chunk - 1) / chunk;
+        let n: i64 = invalid[..chunks as usize].iter().map(|&v| v as i64).sum();
         if n > 0 {
             return Err(Error::invalid(
                 "topk_ids",

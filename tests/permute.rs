@@ -184,6 +184,17 @@ fn plan_reports_ids_out_of_range() {
     let mut plan = plan;
     plan.build(s, &s.clone_htod(&ok).unwrap(), 100).unwrap();
     plan.check_ids(s).unwrap();
+    // A bad id in the second 256-assignment chunk, then a build of 50 tokens (one chunk): the
+    // second chunk's old count must not be reported again; nor by a build of no tokens.
+    let mut bad = ok.clone();
+    bad[300] = -5;
+    plan.build(s, &s.clone_htod(&bad).unwrap(), 100).unwrap();
+    assert!(plan.check_ids(s).is_err());
+    plan.build(s, &s.clone_htod(&ok[..200]).unwrap(), 50)
+        .unwrap();
+    plan.check_ids(s).unwrap();
+    plan.build(s, &s.clone_htod(&ok[..0]).unwrap(), 0).unwrap();
+    plan.check_ids(s).unwrap();
 }
 
 #[test]
