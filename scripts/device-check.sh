@@ -98,6 +98,12 @@ if has ncu-mla; then
   timeout 200 ncu --clock-control none -k regex:decompress_wgmma --launch-skip 3 --launch-count 1 --set full \
     .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla.txt" 2>&1
   summary+=("ncu-mla: rc=$?")
+  # Per-SASS-instruction stall samples and counts: where do the epilogue's ~3 us per tile go?
+  timeout 200 ncu --clock-control none -k regex:decompress_wgmma --launch-skip 3 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats -f -o "$out/mla-source" \
+    .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla-source.txt" 2>&1
+  ncu -i "$out/mla-source.ncu-rep" --page source --print-source sass --csv >"$out/mla-sass.csv" 2>&1
+  summary+=("ncu-mla source: rc=$?")
 fi
 kill "$smi_pid" 2>/dev/null
 # Sanitizers last: the slowest step, cut by DEADLINE.
