@@ -7,6 +7,9 @@
 #
 # usage: bash scripts/ab-bundles.sh A.tar.xz B.tar.xz FILTER [ROUNDS] [SANITIZE]
 #   e.g. bash scripts/ab-bundles.sh .gpu-packed/bundle.tar.xz .gpu-packed/next.tar.xz plan,gate 2 permute,gating
+# Extra env: SKIP_TESTS=1; B_ENV="VAR=value ..." (set for B's bench runs only, e.g.
+# MOEKIT_GEMM_CLUSTER=2); DEMO_ARGS="args;args" (B's moe_layer once per ';'-separated set, e.g.
+# "--shared-ctas 0;--shared-ctas 16 --graph").
 set -u
 cd "$(dirname "$0")/.."
 a_pack=$1; b_pack=$2; filter=$3; rounds=${4:-2}; sanitize=${5:-}
@@ -17,7 +20,7 @@ for side in a b; do
   for e in /tmp/ab-$side/.gpu/examples/*; do rm -f "/tmp/ab-$side/.gpu/tests/$(basename "$e")"; done
 done
 export MOEKIT_REQUIRE_GPU=1
-for t in /tmp/ab-b/.gpu/tests/*; do
+[ "${SKIP_TESTS:-0}" = 1 ] || for t in /tmp/ab-b/.gpu/tests/*; do
   n=$(basename "$t"); [ "$n" = lib-moekit ] && continue
   timeout 200 "$t" >"$o/test-$n.txt" 2>&1; echo "test $n: rc=$? $(grep 'test result' "$o/test-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
 done
@@ -30,9 +33,19 @@ for n in ${sanitize//,/ }; do
 done
 for r in $(seq 1 "$rounds"); do
   for side in a b; do
-    timeout 300 /tmp/ab-$side/.gpu/examples/bench_report --filter "$filter" --json "$o/bench-$side-$r.json" >"$o/bench-$side-$r.txt" 2>&1
+    extra=""; [ $side = b ] && extra=${B_ENV:-}
+    env $extra timeout 300 /tmp/ab-$side/.gpu/examples/bench_report --filter "$filter" --json "$o/bench-$side-$r.json" \
+      >"$o/bench-$side-$r.txt" 2>&1
   done
 done
+if [ -n "${DEMO_ARGS:-}" ]; then
+  IFS=';' read -ra sets <<<"$DEMO_ARGS"
+  for i in "${!sets[@]}"; do
+    # shellcheck disable=SC2086
+    timeout 300 /tmp/ab-b/.gpu/examples/moe_layer ${sets[$i]} >"$o/demo-$i.txt" 2>&1
+    echo "demo ${sets[$i]}: rc=$? $(grep -E '/layer|check' "$o/demo-$i.txt" | tr '\n' ' ')" | tee -a "$o/summary.txt"
+  done
+fi
 python3 - "$o" "$rounds" <<'PY' | tee "$o/table.txt"
 import json, sys
 o, rounds = sys.argv[1], int(sys.argv[2])
