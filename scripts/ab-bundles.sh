@@ -49,8 +49,14 @@ fi
 python3 - "$o" "$rounds" <<'PY' | tee "$o/table.txt"
 import json, sys
 o, rounds = sys.argv[1], int(sys.argv[2])
-runs = {(s, r): json.load(open(f"{o}/bench-{s}-{r}.json")) for s in "ab" for r in range(1, rounds + 1)}
-cases = list(runs[("a", 1)])
+runs = {}
+for s in "ab":
+    for r in range(1, rounds + 1):
+        try:
+            runs[(s, r)] = json.load(open(f"{o}/bench-{s}-{r}.json"))
+        except (OSError, ValueError) as e:
+            print(f"bench {s}{r}: {e}")
+cases = list(dict.fromkeys(c for v in runs.values() for c in v))
 print(f"{'case':44s}" + "".join(f"{s + str(r):>11}" for r in range(1, rounds + 1) for s in "ab") + "   b/a (best of each)")
 for c in cases:
     vals = {k: v[c]["us"] for k, v in runs.items() if c in v}
