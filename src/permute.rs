@@ -151,6 +151,12 @@ impl PlanConfig {
     }
 }
 
+/// Assignments per chunk of the plan's rank kernel for `assignments` assignments.
+fn plan_chunk(assignments: i64) -> i64 {
+    // SAFETY: a pure function of its argument.
+    unsafe { ffi::moekit_plan_chunk(assignments) }
+}
+
 /// A routing plan on the device, rebuilt in place for every batch by [`RoutingPlan::build`].
 ///
 /// Buffers (i32, indexed by local expert `e - local_experts.start`):
@@ -252,8 +258,7 @@ impl RoutingPlan {
             ));
         }
         prepare_launch(stream)?;
-        // SAFETY: a pure function of its argument.
-        let chunk = unsafe { ffi::moekit_plan_chunk(n_assign as i64) };
+        let chunk = plan_chunk(n_assign as i64);
         let (ids, _g0) = topk_ids.device_ptr(stream);
         let (counts, _g1) = self.expert_counts.device_ptr_mut(stream);
         let (offsets, _g2) = self.expert_offsets.device_ptr_mut(stream);
@@ -306,8 +311,7 @@ impl RoutingPlan {
             .during("reading the plan's invalid-id counts")?;
         // Only the last build's chunks: a build with fewer chunks leaves older counts behind.
         let assignments = (tokens * self.cfg.top_k) as i64;
-        // SAFETY: a pure function of its argument.
-        let chunk = unsafe { ffi::moekit_plan_chunk(assignments) };
+        let chunk = plan_chunk(assignments);
         let chunks = (assignments + chunk - 1) / chunk;
         let n: i64 = invalid[..chunks as usize].iter().map(|&v| v as i64).sum();
         if n > 0 {

@@ -450,20 +450,24 @@ fn check_combine<Y: Element, O: Element>(
         s.clone_htod(&shared).unwrap(),
         s.clone_htod(&residual).unwrap(),
     );
-    let mut inputs = CombineInputs::<Y, O>::new(d_y.as_view(), weighted.then(|| d_w.as_view()));
-    if extras {
-        inputs = inputs.shared(d_shared.as_view()).residual(d_res.as_view());
-    }
-    let mut out = s
-        .clone_htod(&vec![O::from_f32(f32::NAN); tokens * hidden])
-        .unwrap();
-    combine(s, &plan, hidden, &inputs, &mut out).unwrap();
-    let got: Vec<f32> = s
-        .clone_dtoh(&out)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
+    // One combine with `kernel` into a NaN-poisoned output, downloaded as f32.
+    let run = |kernel: CopyKernel| -> moekit::Result<Vec<f32>> {
+        let mut inputs = CombineInputs::<Y, O>::new(d_y.as_view(), weighted.then(|| d_w.as_view()))
+            .kernel(kernel);
+        if extras {
+            inputs = inputs.shared(d_shared.as_view()).residual(d_res.as_view());
+        }
+        let mut out = s
+            .clone_htod(&vec![O::from_f32(f32::NAN); tokens * hidden])
+            .unwrap();
+        combine(s, &plan, hidden, &inputs, &mut out)?;
+        Ok(s.clone_dtoh(&out)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect())
+    };
+    let got = run(CopyKernel::Auto).unwrap();
     let f = |v: &[Y]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
     let g = |v: &[O]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
     let (sh, re) = (g(&shared), g(&residual));
@@ -485,14 +489,7 @@ fn check_combine<Y: Element, O: Element>(
         "{what} seed={seed}: relative error {err:.3e} > {tol:.1e}"
     );
     // Bitwise reproducible.
-    let mut again = s.alloc_zeros::<O>(tokens * hidden).unwrap();
-    combine(s, &plan, hidden, &inputs, &mut again).unwrap();
-    let again: Vec<f32> = s
-        .clone_dtoh(&again)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
+    let again = run(CopyKernel::Auto).unwrap();
     assert!(
         got.iter()
             .zip(&again)
@@ -503,15 +500,7 @@ fn check_combine<Y: Element, O: Element>(
     // needs 16-byte rows of y and is refused otherwise.
     let bulk_ok = (hidden * std::mem::size_of::<Y>()) % 16 == 0;
     for kernel in [CopyKernel::WarpPerToken, CopyKernel::Bulk] {
-        let mut other = s
-            .clone_htod(&vec![O::from_f32(f32::NAN); tokens * hidden])
-            .unwrap();
-        let mut forced = CombineInputs::<Y, O>::new(d_y.as_view(), weighted.then(|| d_w.as_view()))
-            .kernel(kernel);
-        if extras {
-            forced = forced.shared(d_shared.as_view()).residual(d_res.as_view());
-        }
-        let res = combine(s, &plan, hidden, &forced, &mut other);
+        let res = run(kernel);
         if kernel == CopyKernel::Bulk && !bulk_ok {
             assert!(
                 matches!(res, Err(Error::Unsupported { .. })),
@@ -519,13 +508,7 @@ fn check_combine<Y: Element, O: Element>(
             );
             continue;
         }
-        res.unwrap();
-        let other: Vec<f32> = s
-            .clone_dtoh(&other)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
+        let other = res.unwrap();
         assert!(
             got.iter()
                 .zip(&other)

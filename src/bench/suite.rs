@@ -137,15 +137,18 @@ fn case(
     }
 }
 
+/// Bytes each ceiling case moves (2 GiB: far past the L2).
+const CEILING_BYTES: usize = 2 << 30;
+
 fn copy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
-    const BYTES: usize = 2 << 30;
     let stream = ctx.stream().clone();
     let src: CudaSlice<u8> = {
         let mut r = rng(1);
         let block: Vec<u8> = (0..1 << 24).map(|_| rand::RngExt::random(&mut r)).collect();
         // SAFETY: fully written by the copies below.
-        let mut buf = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the copy source")?;
-        for start in (0..BYTES).step_by(block.len()) {
+        let mut buf =
+            unsafe { stream.alloc::<u8>(CEILING_BYTES) }.during("allocating the copy source")?;
+        for start in (0..CEILING_BYTES).step_by(block.len()) {
             stream
                 .memcpy_htod(&block, &mut buf.slice_mut(start..start + block.len()))
                 .during("filling the copy source")?;
@@ -153,31 +156,31 @@ fn copy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
         buf
     };
     // SAFETY: only written (by the copies being timed).
-    let mut dst = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the copy target")?;
+    let mut dst =
+        unsafe { stream.alloc::<u8>(CEILING_BYTES) }.during("allocating the copy target")?;
     let s = stream.clone();
     Ok(case(
         ctx,
         name,
         None,
-        Some(2.0 * BYTES as f64),
+        Some(2.0 * CEILING_BYTES as f64),
         Box::new(move |_| crate::probe::copy_bytes(&s, &src, &mut dst)),
     ))
 }
 
 /// The driver's own device-to-device memcpy (cuMemcpyDtoDAsync), the ceiling torch's copy_ reports.
 fn memcpy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
-    const BYTES: usize = 2 << 30;
     let stream = ctx.stream().clone();
-    let src = device_normal::<bf16>(&stream, &mut rng(1), BYTES / 2, 1.0)?;
+    let src = device_normal::<bf16>(&stream, &mut rng(1), CEILING_BYTES / 2, 1.0)?;
     // SAFETY: only written (by the copies being timed).
     let mut dst =
-        unsafe { stream.alloc::<bf16>(BYTES / 2) }.during("allocating the copy target")?;
+        unsafe { stream.alloc::<bf16>(CEILING_BYTES / 2) }.during("allocating the copy target")?;
     let s = stream.clone();
     Ok(case(
         ctx,
         name,
         None,
-        Some(2.0 * BYTES as f64),
+        Some(2.0 * CEILING_BYTES as f64),
         Box::new(move |_| s.memcpy_dtod(&src, &mut dst).during("cuMemcpyDtoDAsync")),
     ))
 }
@@ -185,16 +188,16 @@ fn memcpy_case(ctx: &Context, name: &str) -> Result<BenchCase> {
 /// The driver's memset (cuMemsetD8Async) of 2 GiB: the write-only bandwidth, against which a
 /// write-dominated stage (permute writes k rows per row read) can be judged. Not a roofline.
 fn memset_case(ctx: &Context, name: &str) -> Result<BenchCase> {
-    const BYTES: usize = 2 << 30;
     let stream = ctx.stream().clone();
     // SAFETY: only written (by the memsets being timed).
-    let mut dst = unsafe { stream.alloc::<u8>(BYTES) }.during("allocating the memset target")?;
+    let mut dst =
+        unsafe { stream.alloc::<u8>(CEILING_BYTES) }.during("allocating the memset target")?;
     let s = stream.clone();
     Ok(case(
         ctx,
         name,
         None,
-        Some(BYTES as f64),
+        Some(CEILING_BYTES as f64),
         Box::new(move |_| s.memset_zeros(&mut dst).during("cuMemsetD8Async")),
     ))
 }
