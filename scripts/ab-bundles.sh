@@ -3,7 +3,7 @@
 # commits (e.g. main as .gpu-packed/bundle.tar.xz, a branch renamed to .gpu-packed/next.tar.xz),
 # carried together as .gpu-packed. Runs B's test binaries (MOEKIT_REQUIRE_GPU=1), optionally
 # compute-sanitizer over some of them, then bench_report on A and B alternately (rounds times),
-# so both see the same clocks. Results under $OUT/ab.tgz; a side-by-side table is printed.
+# so both see the same clocks. Results under $OUT/ab; a side-by-side table is printed.
 #
 # usage: bash scripts/ab-bundles.sh A.tar.xz B.tar.xz FILTER [ROUNDS] [SANITIZE]
 #   e.g. bash scripts/ab-bundles.sh .gpu-packed/bundle.tar.xz .gpu-packed/next.tar.xz plan,gate 2 permute,gating
@@ -13,7 +13,8 @@
 set -u
 cd "$(dirname "$0")/.."
 a_pack=$1; b_pack=$2; filter=$3; rounds=${4:-2}; sanitize=${5:-}
-o=$(mktemp -d /tmp/ab.XXXX); final=${OUT:-/tmp/ab-out}; mkdir -p "$final"
+# Results go straight under $OUT/ab, so a run cut off by the time limit still returns what it did.
+o=${OUT:-/tmp/ab-out}/ab; mkdir -p "$o"
 for side in a b; do
   pack=$a_pack; [ $side = b ] && pack=$b_pack
   mkdir -p "/tmp/ab-$side" && python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$pack" "/tmp/ab-$side"
@@ -23,13 +24,6 @@ export MOEKIT_REQUIRE_GPU=1
 [ "${SKIP_TESTS:-0}" = 1 ] || for t in /tmp/ab-b/.gpu/tests/*; do
   n=$(basename "$t"); [ "$n" = lib-moekit ] && continue
   timeout 200 "$t" >"$o/test-$n.txt" 2>&1; echo "test $n: rc=$? $(grep 'test result' "$o/test-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
-done
-for n in ${sanitize//,/ }; do
-  for tool in memcheck racecheck; do
-    PROPTEST_CASES=4 timeout 200 compute-sanitizer --tool $tool --error-exitcode 99 "/tmp/ab-b/.gpu/tests/$n" --skip deepseek_v3 \
-      >"$o/$tool-$n.txt" 2>&1
-    echo "$tool $n: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$o/$tool-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
-  done
 done
 for r in $(seq 1 "$rounds"); do
   for side in a b; do
@@ -46,6 +40,13 @@ if [ -n "${DEMO_ARGS:-}" ]; then
     echo "demo ${sets[$i]}: rc=$? $(grep -E '/layer|check' "$o/demo-$i.txt" | tr '\n' ' ')" | tee -a "$o/summary.txt"
   done
 fi
+for n in ${sanitize//,/ }; do
+  for tool in memcheck racecheck; do
+    PROPTEST_CASES=4 timeout 200 compute-sanitizer --tool $tool --error-exitcode 99 "/tmp/ab-b/.gpu/tests/$n" --skip deepseek_v3 \
+      >"$o/$tool-$n.txt" 2>&1
+    echo "$tool $n: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$o/$tool-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
+  done
+done
 python3 - "$o" "$rounds" <<'PY' | tee "$o/table.txt"
 import json, sys
 o, rounds = sys.argv[1], int(sys.argv[2])
@@ -64,6 +65,4 @@ for c in cases:
     b = min(vals.get(("b", r), 1e30) for r in range(1, rounds + 1))
     print(f"{c:44s}" + "".join(f"{vals.get((s, r), float('nan')):11.2f}" for r in range(1, rounds + 1) for s in "ab") + f"  {b / a:5.3f}")
 PY
-tar czf "$final/ab.tgz" -C "$o" .
-cp "$o/summary.txt" "$o/table.txt" "$final/" 2>/dev/null
 exit 0
