@@ -7,23 +7,30 @@
 #
 # usage: bash scripts/ab-bundles.sh A.tar.xz B.tar.xz FILTER [ROUNDS] [SANITIZE]
 #   e.g. bash scripts/ab-bundles.sh .gpu-packed/bundle.tar.xz .gpu-packed/next.tar.xz plan,gate 2 permute,gating
-# Extra env: SKIP_TESTS=1; B_ENV="VAR=value ..." (set for B's bench runs only, e.g.
+# Extra env: TEST_SIDES="a b" (whose test binaries run; default b, "" for none); SANITIZE_SIDE=a|b; B_ENV="VAR=value ..." (set for B's bench runs only, e.g.
 # MOEKIT_GEMM_CLUSTER=2); DEMO_ARGS="args;args" (B's moe_layer once per ';'-separated set, e.g.
 # "--shared-ctas 0;--shared-ctas 16 --graph").
 set -u
 cd "$(dirname "$0")/.."
 a_pack=$1; b_pack=$2; filter=$3; rounds=${4:-2}; sanitize=${5:-}
-# Results go straight under $OUT/ab, so a run cut off by the time limit still returns what it did.
-o=${OUT:-/tmp/ab-out}/ab; mkdir -p "$o"
+# The device returns at most 8 files from $OUT, so everything goes into $OUT/ab.tgz (plus
+# summary.txt and table.txt), refreshed after each step: a run cut off by the time limit still
+# returns what it did.
+o=$(mktemp -d /tmp/ab.XXXX); final=${OUT:-/tmp/ab-out}; mkdir -p "$final"
+save() { tar czf "$final/ab.tgz" -C "$o" . ; cp "$o"/summary.txt "$o"/table.txt "$final/" 2>/dev/null; true; }
 for side in a b; do
   pack=$a_pack; [ $side = b ] && pack=$b_pack
   mkdir -p "/tmp/ab-$side" && python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$pack" "/tmp/ab-$side"
   for e in /tmp/ab-$side/.gpu/examples/*; do rm -f "/tmp/ab-$side/.gpu/tests/$(basename "$e")"; done
 done
 export MOEKIT_REQUIRE_GPU=1
-[ "${SKIP_TESTS:-0}" = 1 ] || for t in /tmp/ab-b/.gpu/tests/*; do
-  n=$(basename "$t"); [ "$n" = lib-moekit ] && continue
-  timeout 200 "$t" >"$o/test-$n.txt" 2>&1; echo "test $n: rc=$? $(grep 'test result' "$o/test-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
+for side in ${TEST_SIDES-b}; do
+  for t in /tmp/ab-$side/.gpu/tests/*; do
+    n=$(basename "$t"); [ "$n" = lib-moekit ] && continue
+    timeout 200 "$t" >"$o/test-$side-$n.txt" 2>&1
+    echo "test $side $n: rc=$? $(grep 'test result' "$o/test-$side-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
+  done
+  save
 done
 for r in $(seq 1 "$rounds"); do
   for side in a b; do
@@ -31,6 +38,7 @@ for r in $(seq 1 "$rounds"); do
     env $extra timeout 300 /tmp/ab-$side/.gpu/examples/bench_report --filter "$filter" --json "$o/bench-$side-$r.json" \
       >"$o/bench-$side-$r.txt" 2>&1
   done
+  save
 done
 if [ -n "${DEMO_ARGS:-}" ]; then
   IFS=';' read -ra sets <<<"$DEMO_ARGS"
@@ -39,13 +47,16 @@ if [ -n "${DEMO_ARGS:-}" ]; then
     timeout 300 /tmp/ab-b/.gpu/examples/moe_layer ${sets[$i]} >"$o/demo-$i.txt" 2>&1
     echo "demo ${sets[$i]}: rc=$? $(grep -E '/layer|check' "$o/demo-$i.txt" | tr '\n' ' ')" | tee -a "$o/summary.txt"
   done
+  save
 fi
+san_side=${SANITIZE_SIDE:-b}
 for n in ${sanitize//,/ }; do
   for tool in memcheck racecheck; do
-    PROPTEST_CASES=4 timeout 200 compute-sanitizer --tool $tool --error-exitcode 99 "/tmp/ab-b/.gpu/tests/$n" --skip deepseek_v3 \
+    PROPTEST_CASES=4 timeout 200 compute-sanitizer --tool $tool --error-exitcode 99 "/tmp/ab-$san_side/.gpu/tests/$n" --skip deepseek_v3 \
       >"$o/$tool-$n.txt" 2>&1
-    echo "$tool $n: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$o/$tool-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
+    echo "$tool $san_side $n: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$o/$tool-$n.txt" | tail -1)" | tee -a "$o/summary.txt"
   done
+  save
 done
 python3 - "$o" "$rounds" <<'PY' | tee "$o/table.txt"
 import json, sys
@@ -65,4 +76,6 @@ for c in cases:
     b = min(vals.get(("b", r), 1e30) for r in range(1, rounds + 1))
     print(f"{c:44s}" + "".join(f"{vals.get((s, r), float('nan')):11.2f}" for r in range(1, rounds + 1) for s in "ab") + f"  {b / a:5.3f}")
 PY
+save
+cat "$o/summary.txt" 2>/dev/null
 exit 0
