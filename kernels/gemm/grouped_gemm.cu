@@ -86,7 +86,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
   const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
-  if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, kBlockM) ||
+  if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, 64) ||
       !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }

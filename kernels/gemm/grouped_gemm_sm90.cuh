@@ -8,7 +8,8 @@
 // expert) the two meet (~3 ms each) and the kernel must stream weights while computing.
 //
 // Structure (one CTA per SM, claiming tiles in order from a global counter):
-//   warpgroup 0      one thread issues TMA loads of an X tile [128 x 64] and a W tile [BN x 64]
+//   warpgroup 0      one thread issues TMA loads of an X tile [128 x 64] (two 64-row boxes) and a
+//                    W tile [BN x 64]
 //                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
@@ -236,11 +237,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
         const int kb_begin = kSplitK ? (t % splits) * a.kb_per_split : 0;
         const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
+        // X arrives as two 64-row boxes, one per consumer; a box wholly past the expert's rows is
+        // not loaded (its consumer skips the math). An expert's last tile usually holds few rows
+        // (uniform routing at 128 rows per expert: half the experts end in a tile of ~10 rows), so
+        // this drops 1/6 of the bytes such a tile moves from L2.
+        const bool second_half = tile.row0 + 64 < tile.row_end;
+        const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2));
         for (int kb = kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           stage_tile[stage] = t;  // published by the arrive below (release), read after the wait (acquire)
-          sm90::mbar_arrive_expect_tx(&full[stage], kStageBytes);
+          sm90::mbar_arrive_expect_tx(&full[stage], stage_bytes);
           sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
+          if (second_half) {
+            sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, &map_x, kb * kBlockK, tile.row0 + 64, &full[stage]);
+          }
           if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
             sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
             sm90::tma_load_2d(sb + stage * kTileB + (BN / 2) * kBlockK, &map_w, kb * kBlockK, w_row + a.n / 2,
@@ -272,8 +282,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int kb_begin = kSplitK ? split * a.kb_per_split : 0;
       // The host keeps every split non-empty.
       const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
-      // A consumer whose 64 rows all lie past the expert's segment skips the math: the ragged last
-      // tile of an expert then costs half a tile of tensor-core time.
+      // A consumer whose 64 rows all lie past the expert's segment skips the math (the producer
+      // did not load them): the ragged last tile of an expert then costs half a tile of
+      // tensor-core time.
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
