@@ -204,10 +204,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
         }
         const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
+        // The 8 source rows this thread copies, all read before the first copy: read one per
+        // copy, each load sat after a cp.async the compiler would not move it past, and the 8
+        // dependent shared-memory round trips per k-block were the producer's largest stall (ncu
+        // stall samples, T = 8192: 40% of the gather loop) while the consumers waited for full
+        // stages 10% of their time. (Kept in registers for the whole tile they cost an 8-byte
+        // spill under the producer's 40-register budget.)
+        int src_rows[kBlockM / 16];
+#pragma unroll
+        for (int j = 0; j < kBlockM / 16; ++j) src_rows[j] = rows[16 * j + p / 8];
 #pragma unroll
         for (int j = 0; j < kBlockM / 16; ++j) {
           const int r = 16 * j + p / 8;
-          const int src = rows[r];
+          const int src = src_rows[j];
           // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
           const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
           const __nv_bfloat16 *from = a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
