@@ -249,9 +249,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
       // The k_pe chunks this thread stores: slot j is row tid/8 + 16j, chunk tid % 8. Loaded
-      // during the last k-block's MMAs and stored first in the epilogue, so they are live for a
-      // short stretch (loaded at the first k-block they spilled, and the loads stalled the
-      // consumer: 4% slower, measured on the H200).
+      // during the MMAs of the third-last k-block and stored first in the epilogue, so they are
+      // live for a short stretch (loaded at the first k-block they spilled, and the loads
+      // stalled the consumer: 4% slower, measured on the H200). Loaded in the last k-block, the
+      // epilogue's k_pe stores waited on them (ncu stall samples); three k-blocks earlier: T = 8192
+      // 494.0 -> 492.1 us, within noise but never slower (BENCHMARKS.md, run 19).
       uint4 kpe[kRopeSlots];
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
-          if (kb == k_blocks - 1) {
+          if (kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {
 #pragma unroll
             for (int j = 0; j < kRopeSlots; ++j) {
               const int64_t src = (tid % 8) < rope_chunks ? source_row(a, row0 + tid / 8 + 16 * j) : -1;
