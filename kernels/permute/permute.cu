@@ -175,7 +175,9 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
   if (bits % 16 == 0) {
     // 8 vectors per lane in flight: qwen3 T=4096 40 us against 45 with 4 (2: 45); DeepSeek-V3
     // shapes within 1% either way (BENCHMARKS.md, run 2). Rows over 4 KB take 16, so a warp
-    // walks a DeepSeek-V3 row (14 KB) in 2 load round trips instead of 4 (a Mixtral row in 1).
+    // walks a DeepSeek-V3 row (14 KB) in 2 load round trips instead of 4 (a Mixtral row in 1):
+    // DeepSeek-V3 T=4096 148.1 -> 145.0 us, T=16384 578.3 -> 574.7, Mixtral T=16384 106.3 ->
+    // 104.9 (BENCHMARKS.md, run 19).
     if (p->row_bytes > 32 * 16 * 8) return run<16, 16>(*p, stream);
     return run<16, 8>(*p, stream);
   }
