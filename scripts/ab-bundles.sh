@@ -9,7 +9,7 @@
 #   e.g. bash scripts/ab-bundles.sh .gpu-packed/bundle.tar.xz .gpu-packed/next.tar.xz plan,gate 2 permute,gating
 # Extra env: TEST_SIDES="a b" (whose test binaries run; default b, "" for none); SANITIZE_SIDE=a|b; B_ENV="VAR=value ..." (set for B's bench runs only, e.g.
 # MOEKIT_GEMM_CLUSTER=2); DEMO_ARGS="args;args" (B's moe_layer once per ';'-separated set, e.g.
-# "--shared-ctas 0;--shared-ctas 16 --graph"); SMI_CASES (below).
+# "--shared-ctas 0;--shared-ctas 16 --graph"); SMI_CASES, SMI_REPS (below).
 set -u
 cd "$(dirname "$0")/.."
 a_pack=$1; b_pack=$2; filter=$3; rounds=${4:-2}; sanitize=${5:-}
@@ -58,44 +58,18 @@ for n in ${sanitize//,/ }; do
   done
   save
 done
-# SMI_CASES="f1,f2": each bench filter timed again on A then B while nvidia-smi samples the SM clock
-# and the power every 50 ms, so a case's sustained clock is known (ncu locks clocks; this does not).
+# SMI_CASES="f1,f2": each bench filter timed again (SMI_REPS launches, default 300) on A then B
+# under scripts/power_sample.py: SM clock, instantaneous power and whether the SW power cap holds
+# the clock (ncu locks clocks; this does not), one summary line per case and side.
 if [ -n "${SMI_CASES:-}" ]; then
-  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,temperature.gpu --format=csv,noheader,nounits \
-    -lms 50 >"$o/smi.csv" 2>&1 &
-  smi_pid=$!
   for c in ${SMI_CASES//,/ }; do
     for side in a b; do
       extra=""; [ $side = b ] && extra=${B_ENV:-}
-      start=$(date +%s.%N)
-      env $extra timeout 120 /tmp/ab-$side/.gpu/examples/bench_report --filter "$c" >"$o/smi-bench-$side-${c//\//_}.txt" 2>&1
-      echo "$side $c $start $(date +%s.%N)" >>"$o/smi-windows.txt"
+      env $extra timeout 200 python3 scripts/power_sample.py "smi $side $c" -- \
+        /tmp/ab-$side/.gpu/examples/bench_report --filter "$c" --reps "${SMI_REPS:-300}" \
+        2>"$o/smi-bench-$side-${c//\//_}.txt" | tee -a "$o/summary.txt"
     done
   done
-  kill $smi_pid
-  python3 - "$o" <<'PY' | tee -a "$o/summary.txt"
-import sys, datetime, statistics
-o = sys.argv[1]
-samples = []
-for line in open(f"{o}/smi.csv"):
-    f = [x.strip() for x in line.split(",")]
-    try:
-        ts = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-        samples.append((ts, float(f[1]), float(f[2]), float(f[3]), float(f[4])))
-    except (ValueError, IndexError):
-        pass
-for line in open(f"{o}/smi-windows.txt"):
-    side, case, a, b = line.split()
-    w = [s for s in samples if float(a) <= s[0] <= float(b)]
-    if not w:
-        print(f"smi {side} {case}: no samples"); continue
-    # The busy part of the window: the samples drawing at least 60% of the window's peak power.
-    peak = max(s[2] for s in w)
-    busy = [s for s in w if s[2] >= 0.6 * peak] or w
-    print(f"smi {side} {case}: {len(busy)}/{len(w)} busy samples, SM clock median {statistics.median(s[1] for s in busy):.0f} MHz "
-          f"(min {min(s[1] for s in busy):.0f}), power median {statistics.median(s[2] for s in busy):.0f} W "
-          f"of limit {w[0][3]:.0f} W, temperature max {max(s[4] for s in w):.0f} C")
-PY
   save
 fi
 python3 - "$o" "$rounds" <<'PY' | tee "$o/table.txt"

@@ -3,9 +3,10 @@
 # packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla,power
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
-# --filter), SANITIZE (test binaries for the sanitizers, default all), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES, DEADLINE (seconds; later sanitizer runs skip).
+# --filter), SANITIZE (test binaries for the sanitizers, default all), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES,
+# POWER_CASES, DEADLINE (seconds; later sanitizer runs skip).
 set -u
 cd "$(dirname "$0")/.."
 # A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
@@ -104,6 +105,15 @@ if has ncu-mla; then
     .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla-source.txt" 2>&1
   ncu -i "$out/mla-source.ncu-rep" --page source --print-source sass --csv >"$out/mla-sass.csv" 2>&1
   summary+=("ncu-mla source: rc=$?")
+fi
+if has power; then
+  # Is a case's time the kernel's or the power cap's? SM clock, instantaneous power and the SW
+  # power cap flag while the case runs 300 times back to back (scripts/power_sample.py).
+  for c in ${POWER_CASES:-dsv3/T16384/gemm-up-swiglu dsv3/T4096/gemm-up mla/T32768/decompress dsv3/T4096/layer}; do
+    timeout 200 python3 scripts/power_sample.py "$c" -- .gpu/examples/bench_report --filter "$c" --reps 300 \
+      2>>"$out/power-bench.txt" | tee -a "$out/power.txt"
+  done
+  summary+=("power: $(wc -l <"$out/power.txt" 2>/dev/null || echo 0) cases")
 fi
 kill "$smi_pid" 2>/dev/null
 # Sanitizers last: the slowest step, cut by DEADLINE.
