@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A/B of two builds on the GPU machine: bundles packed by scripts/pack-gpu-bundle.sh from two
 # commits (e.g. main as .gpu-packed/bundle.tar.xz, a branch renamed to .gpu-packed/next.tar.xz),
-# carried together as .gpu-packed. Runs B's test binaries (MOEKIT_REQUIRE_GPU=1), optionally
-# compute-sanitizer over some of them, then bench_report on A and B alternately (rounds times),
-# so both see the same clocks. Results under $OUT/ab; a side-by-side table is printed.
+# carried together as .gpu-packed. Runs B's test binaries (MOEKIT_REQUIRE_GPU=1), bench_report on
+# A and B alternately (rounds times, so both see the same clocks), optionally B's demo and
+# compute-sanitizer over some test binaries. Results in $OUT/ab.tgz; a side-by-side table and the
+# summary are printed.
 #
 # usage: bash scripts/ab-bundles.sh A.tar.xz B.tar.xz FILTER [ROUNDS] [SANITIZE]
 #   e.g. bash scripts/ab-bundles.sh .gpu-packed/bundle.tar.xz .gpu-packed/next.tar.xz plan,gate 2 permute,gating
@@ -20,7 +21,7 @@ o=$(mktemp -d /tmp/ab.XXXX); final=${OUT:-/tmp/ab-out}; mkdir -p "$final"
 save() { tar czf "$final/ab.tgz" -C "$o" . ; cp "$o"/summary.txt "$o"/table.txt "$final/" 2>/dev/null; true; }
 for side in a b; do
   pack=$a_pack; [ $side = b ] && pack=$b_pack
-  mkdir -p "/tmp/ab-$side" && python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$pack" "/tmp/ab-$side"
+  rm -rf "/tmp/ab-$side"; mkdir -p "/tmp/ab-$side" && python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$pack" "/tmp/ab-$side"
   for e in /tmp/ab-$side/.gpu/examples/*; do rm -f "/tmp/ab-$side/.gpu/tests/$(basename "$e")"; done
 done
 export MOEKIT_REQUIRE_GPU=1

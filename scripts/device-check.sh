@@ -44,10 +44,6 @@ san() { # $1 tool
   done
   summary+=("$1: $fails failing binaries")
 }
-# SM clock, power and temperature every 200 ms from here to the end (is a case power-limited?).
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 200 \
-  >"$out/smi-log.csv" 2>&1 &
-smi_pid=$!
 if has bench; then
   if has anchors; then
     PYTHONUNBUFFERED=1 timeout 400 python3 .gpu/anchors/torch_anchors.py --cases "${ANCHOR_CASES:-dsv3,qwen3,mixtral}" \
@@ -115,7 +111,6 @@ if has power; then
   done
   summary+=("power: $(wc -l <"$out/power.txt" 2>/dev/null || echo 0) cases")
 fi
-kill "$smi_pid" 2>/dev/null
 # Sanitizers last: the slowest step, cut by DEADLINE.
 has memcheck && san memcheck
 has racecheck && san racecheck
