@@ -20,9 +20,9 @@
 //                    cannot address; one path for paged and contiguous sources keeps their speed
 //                    equal);
 //   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
-//                    k_pe to K[t, h, 128:128+d_rope] and stages columns [0, 128) (then
-//                    [128, 256)) in shared memory for a TMA store to K[t, h, 0:128] (then V[t, h, :]),
-//                    which drains while the next tile's MMAs run.
+//                    k_pe to K[t, h, 128:128+d_rope] and stages its columns in four 64-column boxes
+//                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
+//                    that drains while the next boxes and the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival + 128 cp.async arrivals + W bytes): the stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
@@ -313,6 +313,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // next tile's MMAs (the consumers writing 82 KB per tile themselves left the tensor cores
       // idle for half of the kernel: 570 us against 273 us without any epilogue at T = 8192).
       constexpr int kSlots = kStagingBytes * kStagingBufs / kBoxBytes;
+      // Slot box % kSlots is the one used kSlots bulk groups earlier (also across tiles) only when
+      // the slots divide a tile's boxes; otherwise the wait below would free the wrong slot.
+      static_assert((kBlockN / kBoxCols) % kSlots == 0, "the slot rotation must align with tiles");
 #pragma unroll
       for (int box = 0; box < kBlockN / kBoxCols; ++box) {
         uint8_t *slot = bufs + (box % kSlots) * kBoxBytes;
