@@ -20,9 +20,9 @@
 //                    cannot address; one path for paged and contiguous sources keeps their speed
 //                    equal);
 //   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
-//                    k_pe to K[t, h, 128:128+d_rope] and stages columns [0, 128) (then
-//                    [128, 256)) in shared memory for a TMA store to K[t, h, 0:128] (then V[t, h, :]),
-//                    which drains while the next tile's MMAs run.
+//                    k_pe to K[t, h, 128:128+d_rope] and stages its columns in four 64-column boxes
+//                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
+//                    that drains while the next boxes and the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival + 128 cp.async arrivals + W bytes): the stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
@@ -105,22 +105,22 @@ constexpr size_t smem_bytes() {
 static_assert(smem_bytes<4, 1>() <= 232448, "over the 227 KB of shared memory a block may use");
 static_assert(smem_bytes<3, 2>() <= 232448, "over the 227 KB of shared memory a block may use");
 
-// The staging of the TMA-store epilogue: accumulator columns [first, first + 128) as bf16 in two
-// boxes of 64 rows x 64 columns (128 bytes per row), 16-byte chunk c of row r at chunk c ^ (r % 8):
-// the 128-byte swizzle of the K and V store maps, which also puts the 8 rows a warp writes at once
-// in different banks.
+// The staging of the TMA-store epilogue: accumulator columns [first, first + 64) as bf16 in one box
+// of 64 rows x 64 columns (128 bytes per row), 16-byte chunk c of row r at chunk c ^ (r % 8): the
+// 128-byte swizzle of the K and V store maps, which also puts the 8 rows a warp writes at once in
+// different banks.
 constexpr int kBoxBytes = 64 * 128;
-__device__ __forceinline__ void stage_half_boxes(uint8_t *buf, const float (&acc)[kBlockN / 2], int first, int warp,
-                                                 int lane) {
+constexpr int kBoxCols = 64;
+__device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBlockN / 2], int first, int warp,
+                                          int lane) {
 #pragma unroll
-  for (int i = first / 8; i < first / 8 + kHeadDim / 8; ++i) {
-    const int col = 8 * i + 2 * (lane % 4) - first;  // 0..127 within the half
-    const int box = col / 64;
-    const int chunk = (col % 64) / 8;
+  for (int i = first / 8; i < first / 8 + kBoxCols / 8; ++i) {
+    const int col = 8 * i + 2 * (lane % 4) - first;  // 0..63 within the box
+    const int chunk = col / 8;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp * 16 + lane / 4 + 8 * h;
-      uint8_t *p = buf + box * kBoxBytes + row * 128 + ((chunk ^ (row & 7)) << 4) + (col % 8) * 2;
+      uint8_t *p = box + row * 128 + ((chunk ^ (row & 7)) << 4) + (col % 8) * 2;
       sm90::store_pair(reinterpret_cast<__nv_bfloat16 *>(p), acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
     }
   }
@@ -303,26 +303,30 @@ __global__ void __launch_bounds__(kThreads, 1)
           out += 16 * a.k_token_stride;
         }
       }
-      // Pass 1: columns [0, 128) -> K[t, h, 0:128]; pass 2: [128, 256) -> V[t, h, :]. Each pass
-      // stages two 64-column boxes and one thread hands them to TMA stores. Only the staging
-      // of a pass waits for the previous store to have read the buffer; the global writes
-      // drain under the next tile's MMAs (the consumers writing 82 KB per tile themselves left
-      // the tensor cores idle for half of the kernel: 570 us against 273 us without any
-      // epilogue at T = 8192, measured on the H200).
+      // Four 64-column boxes: columns [0, 128) -> K[t, h, 0:128], [128, 256) -> V[t, h, :].
+      // Each box is staged in one of the consumer's kSlots box slots and handed to its own TMA
+      // store (one bulk group per box), so staging a box waits only for the store kSlots boxes
+      // back to have read its slot -- one that had the staging of the boxes between to finish.
+      // (v2 staged 128 columns per pass and the second pass waited for the first pass's store,
+      // issued just before, to read 16 KB: those waits and the named barriers behind them were
+      // 60% of the epilogue's stall samples, ncu, T = 8192.) The global writes drain under the
+      // next tile's MMAs (the consumers writing 82 KB per tile themselves left the tensor cores
+      // idle for half of the kernel: 570 us against 273 us without any epilogue at T = 8192).
+      constexpr int kSlots = kStagingBytes * kStagingBufs / kBoxBytes;
+      // Slot box % kSlots is the one used kSlots bulk groups earlier (also across tiles) only when
+      // the slots divide a tile's boxes; otherwise the wait below would free the wrong slot.
+      static_assert((kBlockN / kBoxCols) % kSlots == 0, "the slot rotation must align with tiles");
 #pragma unroll
-      for (int pass = 0; pass < 2; ++pass) {
-        uint8_t *buf = bufs + (kStagingBufs == 2 ? pass : 0) * kStagingBytes;
-        // One buffer: the previous store must have read it. Two: the store before the previous
-        // one (the same pass of the previous tile) must have.
-        if (tid == 0) sm90::bulk_wait_group_read<kStagingBufs - 1>();
+      for (int box = 0; box < kBlockN / kBoxCols; ++box) {
+        uint8_t *slot = bufs + (box % kSlots) * kBoxBytes;
+        if (tid == 0) sm90::bulk_wait_group_read<kSlots - 1>();
         sm90::warpgroup_barrier(barrier);
-        stage_half_boxes(buf, acc, pass * kHeadDim, warp, lane);
+        stage_box(slot, acc, box * kBoxCols, warp, lane);
         sm90::fence_proxy_async_shared();  // the staged values, for the async proxy's reads
         sm90::warpgroup_barrier(barrier);
         if (tid == 0) {
-          const CUtensorMap *map = pass == 0 ? &map_k : &map_v;
-          sm90::tma_store_3d(map, buf, 0, tile.head, row0);
-          sm90::tma_store_3d(map, buf + kBoxBytes, 64, tile.head, row0);
+          const CUtensorMap *map = box * kBoxCols < kHeadDim ? &map_k : &map_v;
+          sm90::tma_store_3d(map, slot, (box * kBoxCols) % kHeadDim, tile.head, row0);
           sm90::bulk_commit_group();
         }
       }
