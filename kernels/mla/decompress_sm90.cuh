@@ -126,10 +126,13 @@ __device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBloc
   }
 }
 
-template <int kStages, int kStagingBufs>
+// kTmaA: a contiguous latent (token t reads row t) arrives by TMA from map_a, issued by one
+// producer thread with the W tile; otherwise the producer warpgroup gathers it with cp.async.
+template <int kStages, int kStagingBufs, bool kTmaA>
 __global__ void __launch_bounds__(kThreads, 1)
-    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_k,
-                            const __grid_constant__ CUtensorMap map_v, const Args a) {
+    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_a,
+                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                            const Args a) {
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_blocks = a.rank / kBlockK;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbar_init(&full[s], 1 + 128);
+      sm90::mbar_init(&full[s], kTmaA ? 1 : 1 + 128);
       sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
     }
     sm90::fence_barrier_init();
@@ -171,6 +174,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);
     int stage = 0;
     uint32_t phase = 0;
+    if constexpr (kTmaA) {
+      if (p == 0) {
+        sm90::tma_prefetch_descriptor(&map_a);
+        while (true) {
+          const int t = atomicAdd(a.tile_counter, 1);
+          if (t >= total) {
+            // No bytes: the phase completes on this arrival and tells the consumers to stop.
+            sm90::mbar_wait(&empty[stage], phase ^ 1);
+            stage_m0[stage] = -1;
+            sm90::mbar_arrive(&full[stage]);
+            break;
+          }
+          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          const int w_row = tile.head * kBlockN;
+          for (int kb = 0; kb < k_blocks; ++kb) {
+            sm90::mbar_wait(&empty[stage], phase ^ 1);
+            stage_m0[stage] = tile.m0;  // published by the arrive below (release)
+            stage_head[stage] = tile.head;
+            sm90::mbar_arrive_expect_tx(&full[stage], kBytesB + kTileA * 2);
+            sm90::tma_load_2d(sa + stage * kTileA, &map_a, kb * kBlockK, tile.m0, &full[stage]);
+            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
+          }
+        }
+      }
+    } else
     for (int iter = 0;; ++iter) {
       if (p == 0) claimed[iter & 1] = atomicAdd(a.tile_counter, 1);
       // Publishes the claim; the other slot is rewritten only after the next barrier, which every
@@ -262,8 +294,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint4 kpe[kRopeSlots];
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
-        // The A tile arrived through cp.async (generic proxy); the WGMMAs read it through the async proxy.
-        sm90::fence_proxy_async_shared();
+        // A gathered A tile arrived through cp.async (generic proxy); the WGMMAs read it through
+        // the async proxy.
+        if constexpr (!kTmaA) sm90::fence_proxy_async_shared();
         if (active) {
           const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
           const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
