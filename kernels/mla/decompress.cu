@@ -97,13 +97,13 @@ static bool wgmma_supports(const moekit_mla_decompress_params &p) {
          p.tile_counter != nullptr;
 }
 
-template <int kStages, int kStagingBufs>
-static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &map_k, const CUtensorMap &map_v,
-                                  const Args &a, int grid, moekit_stream stream) {
+template <int kStages, int kStagingBufs, bool kTmaA>
+static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &map_a, const CUtensorMap &map_k,
+                                  const CUtensorMap &map_v, const Args &a, int grid, moekit_stream stream) {
   constexpr size_t smem = smem_bytes<kStages, kStagingBufs>();
-  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs>;
+  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA>;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
-  MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_k, map_v, a));
+  MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_a, map_k, map_v, a));
   return MOEKIT_OK;
 }
 
@@ -150,7 +150,14 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_str
   // for the TMA store two boxes back to have read its slot). 3 stages with a buffer per pass (no wait within a tile) measured the
   // same on the H200 at T = 8192 (513 vs 513 us), 5% slower at T = 1024 and 0-12% faster at
   // T = 32768 across two runs: within the run-to-run spread, so the deeper ring stays.
-  return launch_wgmma<4, 1>(map_w, map_k, map_v, a, grid, stream);
+  // A contiguous latent arrives by TMA (rows past num_rows read as zeros, as source_row says);
+  // a paged one is gathered (decompress_sm90.cuh, kTmaA, has the measurements).
+  CUtensorMap map_a;
+  if (p.block_table == nullptr && p.num_rows >= 1 &&
+      make_bf16_sw128_map(&map_a, p.latent, p.num_rows, p.rank, kBlockM, p.latent_stride)) {
+    return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, a, grid, stream);
+  }
+  return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, a, grid, stream);
 }
 
 static moekit_status run_oracle(const moekit_mla_decompress_params &p, moekit_stream stream) {

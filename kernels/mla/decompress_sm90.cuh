@@ -8,22 +8,24 @@
 // 4.25 TB/s) hidden under the math. K = r = 512 is short: a tile is only 8 k-blocks, so the
 // epilogue is a large share of a tile's time. Measured on the H200 at T = 8192: the MMAs alone
 // (epilogue removed) 273 us, ~1000 TFLOP/s; consumers writing K/V themselves 570 us; with the
-// TMA-store epilogue below 496-513 us. Both consumers still reach their epilogues together and
-// the tensor cores idle meanwhile; the next step is consumers on alternate tiles (ping-pong), so
-// one's epilogue runs under the other's MMAs.
+// TMA-store epilogue below 496-513 us, 474-478 us after the producer and epilogue changes of run
+// 19 and the box epilogue, 447-450 us with a contiguous latent loaded by TMA (run 20). Both
+// consumers still reach their epilogues together and the tensor cores idle meanwhile; consumers
+// on alternate tiles (ping-pong, 128 x 128 tiles each, branch next/mla-pingpong) measured slower:
+// 490 us with TMA-loaded latent, 600-616 us gathered (BENCHMARKS.md run 20).
 //
 // Structure (one CTA per SM, tiles claimed in order from a global counter):
 //   warpgroup 0      thread 0 issues the TMA load of the W tile [256 x 64] of each stage (one
-//                    head's 128 W_UK rows then 128 W_UV rows); all 128 threads gather the A tile
-//                    [128 x 64] with 16-byte cp.async (8 lanes per token row) into the same
-//                    128-byte swizzle TMA uses (a paged cache scatters rows, which one TMA box
-//                    cannot address; one path for paged and contiguous sources keeps their speed
-//                    equal);
+//                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
+//                    the A tile [128 x 64]; from a paged cache (rows scattered, which one TMA box
+//                    cannot address) all 128 threads gather the A tile with 16-byte cp.async (8
+//                    lanes per token row) into the same 128-byte swizzle TMA uses;
 //   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
 //                    k_pe to K[t, h, 128:128+d_rope] and stages its columns in four 64-column boxes
 //                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
 //                    that drains while the next boxes and the next tile's MMAs run.
-//   full[s]  (1 expect_tx arrival + 128 cp.async arrivals + W bytes): the stage holds data;
+//   full[s]  (1 expect_tx arrival [+ 128 cp.async arrivals when gathering] + TMA bytes): the
+//            stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
 // head's W (256 KB, read from L2) and a group's latent rows (2 MB) stay in L2 across its heads.
@@ -126,10 +128,18 @@ __device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBloc
   }
 }
 
-template <int kStages, int kStagingBufs>
+// kTmaA: a contiguous latent (token t reads row t) arrives by TMA from map_a, issued by one
+// producer thread with the W tile; otherwise the producer warpgroup gathers it with cp.async.
+// Measured on the H200 (BENCHMARKS.md run 20, A/B): DeepSeek-V3 T = 8192 474 -> 447 us (616
+// TFLOP/s), T = 1024 67.6 -> 63.1 us, H = 16 and 12 shards -5..-7%: gathered, the consumers
+// waited for full stages and fenced every k-block for the cp.async writes. Paged caches keep the
+// gather (488 us): one TMA per row (751 us) and 8-row TMA boxes for runs of consecutive rows with
+// cp.async for the rest (533 us) were slower (branch next/mla-paged-tma).
+template <int kStages, int kStagingBufs, bool kTmaA>
 __global__ void __launch_bounds__(kThreads, 1)
-    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_k,
-                            const __grid_constant__ CUtensorMap map_v, const Args a) {
+    decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_a,
+                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                            const Args a) {
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_blocks = a.rank / kBlockK;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbar_init(&full[s], 1 + 128);
+      sm90::mbar_init(&full[s], kTmaA ? 1 : 1 + 128);
       sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
     }
     sm90::fence_barrier_init();
@@ -171,6 +181,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);
     int stage = 0;
     uint32_t phase = 0;
+    if constexpr (kTmaA) {
+      if (p == 0) {
+        sm90::tma_prefetch_descriptor(&map_a);
+        while (true) {
+          const int t = atomicAdd(a.tile_counter, 1);
+          if (t >= total) {
+            // No bytes: the phase completes on this arrival and tells the consumers to stop.
+            sm90::mbar_wait(&empty[stage], phase ^ 1);
+            stage_m0[stage] = -1;
+            sm90::mbar_arrive(&full[stage]);
+            break;
+          }
+          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          const int w_row = tile.head * kBlockN;
+          for (int kb = 0; kb < k_blocks; ++kb) {
+            sm90::mbar_wait(&empty[stage], phase ^ 1);
+            stage_m0[stage] = tile.m0;  // published by the arrive below (release)
+            stage_head[stage] = tile.head;
+            sm90::mbar_arrive_expect_tx(&full[stage], kBytesB + kTileA * 2);
+            sm90::tma_load_2d(sa + stage * kTileA, &map_a, kb * kBlockK, tile.m0, &full[stage]);
+            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
+          }
+        }
+      }
+    } else
     for (int iter = 0;; ++iter) {
       if (p == 0) claimed[iter & 1] = atomicAdd(a.tile_counter, 1);
       // Publishes the claim; the other slot is rewritten only after the next barrier, which every
@@ -262,8 +301,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint4 kpe[kRopeSlots];
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
-        // The A tile arrived through cp.async (generic proxy); the WGMMAs read it through the async proxy.
-        sm90::fence_proxy_async_shared();
+        // A gathered A tile arrived through cp.async (generic proxy); the WGMMAs read it through
+        // the async proxy.
+        if constexpr (!kTmaA) sm90::fence_proxy_async_shared();
         if (active) {
           const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
           const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);

@@ -26,12 +26,14 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 
 // A row-major [rows, k] bf16 matrix read in boxes of box_rows x 64 (one 128-byte swizzle row of
 // K) with the 128-byte swizzle the WGMMA descriptors expect. Out-of-bounds rows and columns read
-// as zeros. False when the driver refuses the map.
-inline bool make_bf16_sw128_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k, int box_rows) {
+// as zeros; row_stride (elements, 0: k) lets rows lie further apart. False when the driver refuses
+// the map.
+inline bool make_bf16_sw128_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k, int box_rows,
+                                int64_t row_stride = 0) {
   auto encode = encode_tiled();
   if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)k * 2};
+  const cuuint64_t strides[1] = {(cuuint64_t)(row_stride > 0 ? row_stride : k) * 2};
   const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
   const cuuint32_t elem_strides[2] = {1, 1};
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides, box, elem_strides,
