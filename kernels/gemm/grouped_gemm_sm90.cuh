@@ -216,6 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (the M tiles of one expert and column block) start together and stream it through L2 once.
     // (A static round-robin drifted apart: ncu measured 34% L2 hits and 4.1 TB/s of DRAM traffic,
     // 4x the weights, on the DeepSeek-V3 gate+up at T = 16384.)
+    static_assert(sm90::register_split_fits(24, kConsumers, 240), "setmaxnreg would overdraw the CTA's pool");
     sm90::setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);

@@ -176,6 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     // Producer. 40 registers (the gather needs no more); 128 x 40 + 256 x 232
     // fits the 64 K register file the launch bounds reserve (384 x 168).
+    static_assert(sm90::register_split_fits(40, kConsumers, 232), "setmaxnreg would overdraw the CTA's pool");
     sm90::setmaxnreg_dec<40>();
     const int p = threadIdx.x;
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);

@@ -176,6 +176,19 @@ __device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_byte_addr) 
 
 // ---- register reallocation (needs __launch_bounds__(threads, 1)) -------------------------------
 
+// Registers per thread a kernel of `threads` threads is compiled to under __launch_bounds__(threads,
+// 1): the 64 K register file split evenly, in whole allocation units of 8. It is also the CTA's
+// whole pool for setmaxnreg: a warpgroup's setmaxnreg.inc that would overdraw the pool never
+// returns (an MLA kernel with producer 48 + consumers 232 over a 384 x 168 pool hung on the H200,
+// BENCHMARKS.md run 20), and the code after an inc is still compiled within this count.
+__host__ __device__ constexpr int launch_bound_registers(int threads) { return 65536 / threads / 8 * 8; }
+
+// Whether one producer warpgroup at `producer` registers and `consumers` warpgroups at `consumer`
+// registers fit the pool of a CTA of (1 + consumers) warpgroups.
+__host__ __device__ constexpr bool register_split_fits(int producer, int consumers, int consumer) {
+  return 128 * producer + 128 * consumers * consumer <= 128 * (1 + consumers) * launch_bound_registers(128 * (1 + consumers));
+}
+
 template <int R>
 __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
