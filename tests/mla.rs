@@ -153,6 +153,41 @@ fn gpu_decompress_contiguous_matches_reference() {
     }
 }
 
+/// Latent ranks from one k-block (fewer than the kernel's 4 stages, and fewer than the 3 k-blocks
+/// by which k_pe is loaded ahead) to ten, and rope widths below 64, on the WGMMA kernel with the
+/// latent loaded by TMA.
+#[test]
+fn gpu_decompress_other_ranks_on_the_wgmma_kernel() {
+    let Some(ctx) = gpu("gpu_decompress_other_ranks_on_the_wgmma_kernel") else {
+        return;
+    };
+    for (rank, rope, heads, tokens) in [
+        (64, 64, 3, 200),
+        (128, 32, 5, 333),
+        (192, 8, 2, 64),
+        (384, 64, 4, 129),
+        (640, 16, 3, 257),
+    ] {
+        let dims = MlaDims {
+            heads,
+            kv_lora_rank: rank,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: rope,
+            v_head_dim: 128,
+        };
+        assert!(dims.wgmma_supported(), "rank {rank} rope {rope}");
+        let seed = fresh_seed();
+        let inp = Inputs::new(dims, tokens, seed);
+        let (k, v) = run_contiguous(&ctx, &inp, Implementation::Wgmma);
+        check_against_reference(
+            &format!("r={rank} rope={rope} H={heads} T={tokens} seed={seed}"),
+            &inp,
+            &k,
+            &v,
+        );
+    }
+}
+
 #[test]
 fn gpu_decompress_other_dims_run_on_the_oracle() {
     let Some(ctx) = gpu("gpu_decompress_other_dims_run_on_the_oracle") else {
