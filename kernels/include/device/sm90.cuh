@@ -176,11 +176,13 @@ __device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_byte_addr) 
 
 // ---- register reallocation (needs __launch_bounds__(threads, 1)) -------------------------------
 
-// Registers per thread a kernel of `threads` threads is compiled to under __launch_bounds__(threads,
-// 1): the 64 K register file split evenly, in whole allocation units of 8. It is also the CTA's
-// whole pool for setmaxnreg: a warpgroup's setmaxnreg.inc that would overdraw the pool never
-// returns (an MLA kernel with producer 48 + consumers 232 over a 384 x 168 pool hung on the H200,
-// BENCHMARKS.md run 20), and the code after an inc is still compiled within this count.
+// Registers per thread a kernel of `threads` threads gets under __launch_bounds__(threads, 1): the
+// 64 K register file split evenly, in whole allocation units of 8. It is also the CTA's whole pool
+// for setmaxnreg: a warpgroup's setmaxnreg.inc that would overdraw the pool never returns (an MLA
+// kernel with producer 48 + consumers 232 over a 384 x 168 pool hung on the H200, BENCHMARKS.md
+// run 20). ptxas does use an inc for the code after it (the MLA consumers spill 288 bytes without
+// theirs), but a WGMMA whose accumulators exceed this count did not compile (a 512-thread kernel
+// with m64n256 tiles: 128 available, ~154 needed, an inc to 160 notwithstanding).
 __host__ __device__ constexpr int launch_bound_registers(int threads) { return 65536 / threads / 8 * 8; }
 
 // Whether one producer warpgroup at `producer` registers and `consumers` warpgroups at `consumer`
