@@ -210,67 +210,70 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-    } else
-    for (int iter = 0;; ++iter) {
-      if (p == 0) claimed[iter & 1] = atomicAdd(a.tile_counter, 1);
-      // Publishes the claim; the other slot is rewritten only after the next barrier, which every
-      // thread reaches after reading this one.
-      sm90::warpgroup_barrier(1);
-      const int t = claimed[iter & 1];
-      if (t >= total) {
-        // No bytes: the phase completes on the 129 plain arrivals and tells the consumers to stop.
-        sm90::mbar_wait(&empty[stage], phase ^ 1);
-        if (p == 0) {
-          stage_m0[stage] = -1;
+    } else {
+      // A gathered latent: every producer thread copies its share of the A tile.
+      for (int iter = 0;; ++iter) {
+        if (p == 0) claimed[iter & 1] = atomicAdd(a.tile_counter, 1);
+        // Publishes the claim; the other slot is rewritten only after the next barrier, which every
+        // thread reaches after reading this one.
+        sm90::warpgroup_barrier(1);
+        const int t = claimed[iter & 1];
+        if (t >= total) {
+          // No bytes: the phase completes on the 129 plain arrivals and tells the consumers to stop.
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
+          if (p == 0) {
+            stage_m0[stage] = -1;
+            sm90::mbar_arrive(&full[stage]);
+          }
           sm90::mbar_arrive(&full[stage]);
+          sm90::cp_async_wait_all();  // no copy may outlive its thread
+          break;
         }
-        sm90::mbar_arrive(&full[stage]);
-        sm90::cp_async_wait_all();  // no copy may outlive its thread
-        break;
-      }
-      const Tile tile = decode_tile(t, m_tiles, a.heads);
-      // Each thread resolves one token's source row for the whole tile (-1: a zero row past the
-      // tokens or an unmapped slot); the copies then read the table, double-buffered like the claim.
-      int32_t *rows = row_index + (iter & 1) * kBlockM;
-      rows[p] = (int32_t)source_row(a, tile.m0 + p);  // row counts fit in int32 (checked on the host)
-      sm90::warpgroup_barrier(1);
-      const int w_row = tile.head * kBlockN;
-      // Copy layout: 8 consecutive lanes copy one row's 128 bytes, so a warp instruction reads 4
-      // whole rows (one 16-byte chunk per thread per row scattered the 32-byte sectors over two
-      // instructions and doubled the L2 traffic of the A tile).
-      const int chunk = p % 8;
-      for (int kb = 0; kb < k_blocks; ++kb) {
-        sm90::mbar_wait(&empty[stage], phase ^ 1);
-        if (p == 0) {
-          // Published by the arrive below (release), read after the wait (acquire).
-          stage_m0[stage] = tile.m0;
-          stage_head[stage] = tile.head;
-          sm90::mbar_arrive_expect_tx(&full[stage], kBytesB);
-          sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
-        }
-        const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
-        // The 8 source rows this thread copies, all read before the first copy: read one per
-        // copy, each load sat after a cp.async the compiler would not move it past, and the 8
-        // dependent shared-memory round trips per k-block were the producer's largest stall (ncu
-        // stall samples, T = 8192: 40% of the gather loop) while the consumers waited for full
-        // stages 10% of their time. (Kept in registers for the whole tile they cost an 8-byte
-        // spill under the producer's 40-register budget.)
-        int src_rows[kBlockM / 16];
+        const Tile tile = decode_tile(t, m_tiles, a.heads);
+        // Each thread resolves one token's source row for the whole tile (-1: a zero row past the
+        // tokens or an unmapped slot); the copies then read the table, double-buffered like the claim.
+        int32_t *rows = row_index + (iter & 1) * kBlockM;
+        rows[p] = (int32_t)source_row(a, tile.m0 + p);  // row counts fit in int32 (checked on the host)
+        sm90::warpgroup_barrier(1);
+        const int w_row = tile.head * kBlockN;
+        // Copy layout: 8 consecutive lanes copy one row's 128 bytes, so a warp instruction reads 4
+        // whole rows (one 16-byte chunk per thread per row scattered the 32-byte sectors over two
+        // instructions and doubled the L2 traffic of the A tile).
+        const int chunk = p % 8;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
+          if (p == 0) {
+            // Published by the arrive below (release), read after the wait (acquire).
+            stage_m0[stage] = tile.m0;
+            stage_head[stage] = tile.head;
+            sm90::mbar_arrive_expect_tx(&full[stage], kBytesB);
+            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+          }
+          const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
+          // The 8 source rows this thread copies, all read before the first copy: read one per
+          // copy, each load sat after a cp.async the compiler would not move it past, and the 8
+          // dependent shared-memory round trips per k-block were the producer's largest stall (ncu
+          // stall samples, T = 8192: 40% of the gather loop) while the consumers waited for full
+          // stages 10% of their time. (Kept in registers for the whole tile they cost an 8-byte
+          // spill under the producer's 40-register budget.)
+          int src_rows[kBlockM / 16];
 #pragma unroll
-        for (int j = 0; j < kBlockM / 16; ++j) src_rows[j] = rows[16 * j + p / 8];
+          for (int j = 0; j < kBlockM / 16; ++j) src_rows[j] = rows[16 * j + p / 8];
 #pragma unroll
-        for (int j = 0; j < kBlockM / 16; ++j) {
-          const int r = 16 * j + p / 8;
-          const int src = src_rows[j];
-          // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
-          const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
-          const __nv_bfloat16 *from = a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
-          sm90::cp_async_16(dst, from, src < 0 ? 0u : 16u);
-        }
-        sm90::cp_async_mbar_arrive_noinc(&full[stage]);
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
+          for (int j = 0; j < kBlockM / 16; ++j) {
+            const int r = 16 * j + p / 8;
+            const int src = src_rows[j];
+            // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
+            const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
+            const __nv_bfloat16 *from =
+                a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
+            sm90::cp_async_16(dst, from, src < 0 ? 0u : 16u);
+          }
+          sm90::cp_async_mbar_arrive_noinc(&full[stage]);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
         }
       }
     }
