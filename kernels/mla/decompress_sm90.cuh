@@ -174,10 +174,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The tile counter and the row table come from the prepare kernel this one depends on.
   wait_for_previous_grid();
   if (warpgroup == 0) {
-    // Producer. 40 registers (the gather needs no more); 128 x 40 + 256 x 232
-    // fits the 64 K register file the launch bounds reserve (384 x 168).
-    static_assert(sm90::register_split_fits(40, kConsumers, 232), "setmaxnreg would overdraw the CTA's pool");
-    sm90::setmaxnreg_dec<40>();
+    // Producer. 72 registers: the gather keeps its 8 rows' sources for the whole tile. The CTA's
+    // pool is what the launch bounds reserve (384 x 168); 128 x 72 + 256 x 208 fits it, and the
+    // consumers compile without spills at 208 (ptxas; without setmaxnreg they spill 288 bytes).
+    static_assert(sm90::register_split_fits(72, kConsumers, 208), "setmaxnreg would overdraw the CTA's pool");
+    sm90::setmaxnreg_dec<72>();
     const int p = threadIdx.x;
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);
     int stage = 0;
@@ -238,8 +239,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int w_row = tile.head * kBlockN;
         // Copy layout: 8 consecutive lanes copy one row's 128 bytes, so a warp instruction reads 4
         // whole rows (one 16-byte chunk per thread per row scattered the 32-byte sectors over two
-        // instructions and doubled the L2 traffic of the A tile).
+        // instructions and doubled the L2 traffic of the A tile). Thread p copies chunk p % 8 of
+        // rows 16 j + p / 8; their sources are resolved once per tile into registers and advance
+        // by one k-block per stage. (v3 re-read the row table and redid the 64-bit address
+        // arithmetic for every copy: ~140 instructions per thread per stage, under a 40-register
+        // budget.)
         const int chunk = p % 8;
+        const __nv_bfloat16 *src_ptr[kBlockM / 16];
+        uint32_t live_rows = 0;  // bit j: row 16 j + p / 8 has a source (else it is zero-filled)
+#pragma unroll
+        for (int j = 0; j < kBlockM / 16; ++j) {
+          const int src = rows[16 * j + p / 8];
+          live_rows |= (src >= 0 ? 1u : 0u) << j;
+          src_ptr[j] = a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride) + chunk * 8;
+        }
+        // Row 16 j + p / 8 of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk
+        // c ^ (r % 8), and r % 8 = (p / 8) % 8 for every j.
+        const uint32_t dst_offset = (uint32_t)((p / 8) * (kBlockK * 2) + ((chunk ^ ((p / 8) & 7)) << 4));
         for (int kb = 0; kb < k_blocks; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           if (p == 0) {
@@ -249,25 +265,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::mbar_arrive_expect_tx(&full[stage], kBytesB);
             sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
           }
-          const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
-          // The 8 source rows this thread copies, all read before the first copy: read one per
-          // copy, each load sat after a cp.async the compiler would not move it past, and the 8
-          // dependent shared-memory round trips per k-block were the producer's largest stall (ncu
-          // stall samples, T = 8192: 40% of the gather loop) while the consumers waited for full
-          // stages 10% of their time. (Kept in registers for the whole tile they cost an 8-byte
-          // spill under the producer's 40-register budget.)
-          int src_rows[kBlockM / 16];
-#pragma unroll
-          for (int j = 0; j < kBlockM / 16; ++j) src_rows[j] = rows[16 * j + p / 8];
+          const uint32_t dst = sm90::smem_addr(sa + stage * kTileA) + dst_offset;
 #pragma unroll
           for (int j = 0; j < kBlockM / 16; ++j) {
-            const int r = 16 * j + p / 8;
-            const int src = src_rows[j];
-            // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
-            const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
-            const __nv_bfloat16 *from =
-                a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
-            sm90::cp_async_16(dst, from, src < 0 ? 0u : 16u);
+            const bool live = (live_rows >> j) & 1u;
+            sm90::cp_async_16(dst + j * 16 * (kBlockK * 2), src_ptr[j] + (live ? kb * kBlockK : 0), live ? 16u : 0u);
           }
           sm90::cp_async_mbar_arrive_noinc(&full[stage]);
           if (++stage == kStages) {
@@ -278,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    sm90::setmaxnreg_inc<232>();
+    sm90::setmaxnreg_inc<208>();
     const int consumer = warpgroup - 1;
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32;
