@@ -99,10 +99,10 @@ __device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads) {
 constexpr int kStagingBytes = 64 * kHeadDim * 2;
 template <int kStages, int kStagingBufs>
 constexpr size_t smem_bytes() {
-  // 231,528 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
+  // 231,568 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
   return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * kStagingBufs * kStagingBytes +
-         2 * kStages * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
-         2 * kBlockM * sizeof(int32_t) + 1024;
+         (2 * kStages + 4) * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
+         2 * kBlockM * sizeof(int32_t) + 2 * sizeof(int32_t) + 1024;
 }
 static_assert(smem_bytes<4, 1>() <= 232448, "over the 227 KB of shared memory a block may use");
 static_assert(smem_bytes<3, 2>() <= 232448, "over the 227 KB of shared memory a block may use");
@@ -152,12 +152,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][kStagingBufs][16 KB]
   uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * kStagingBufs * kStagingBytes);
   uint64_t *empty = full + kStages;
+  // kTmaA: thread 0 hands each claimed tile to the producer's k_pe copiers (warps 1..3) through a
+  // two-slot mailbox: kpe_full[i] (its arrival), kpe_empty[i] (lane 0 of each copier warp).
+  uint64_t *kpe_full = empty + kStages;
+  uint64_t *kpe_empty = kpe_full + 2;
   // The tile of each stage as its first token (-1 = stop) and head, decoded once by the producer:
   // the consumers' two integer divisions per tile were 6% of their stall samples (ncu, T = 8192).
-  int32_t *stage_m0 = reinterpret_cast<int32_t *>(empty + kStages);
+  int32_t *stage_m0 = reinterpret_cast<int32_t *>(kpe_empty + 2);
   int32_t *stage_head = stage_m0 + kStages;
   int32_t *claimed = stage_head + kStages;  // [2] the producer's claimed tile, double-buffered
   int32_t *row_index = claimed + 2;  // [2][128] source row of each tile row (-1: zeros), double-buffered
+  int32_t *kpe_tile = row_index + 2 * kBlockM;  // [2] the mailbox: a claimed tile, -1 = stop
 
   const int warpgroup = threadIdx.x / 128;
   const int m_tiles = (a.tokens + kBlockM - 1) / kBlockM;
@@ -167,6 +172,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], kTmaA ? 1 : 1 + 128);
       sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
+    }
+    for (int i = 0; i < 2; ++i) {
+      sm90::mbar_init(&kpe_full[i], 1);
+      sm90::mbar_init(&kpe_empty[i], 3);
     }
     sm90::fence_barrier_init();
   }
@@ -186,8 +195,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kTmaA) {
       if (p == 0) {
         sm90::tma_prefetch_descriptor(&map_a);
-        while (true) {
+        for (uint32_t n = 0;; ++n) {
           const int t = atomicAdd(a.tile_counter, 1);
+          // Hand the tile (or the stop) to the k_pe copiers.
+          const uint32_t slot = n & 1, parity = (n >> 1) & 1;
+          sm90::mbar_wait(&kpe_empty[slot], parity ^ 1);
+          kpe_tile[slot] = t < total ? t : -1;
+          sm90::mbar_arrive(&kpe_full[slot]);  // release: the copiers read kpe_tile after their wait
           if (t >= total) {
             // No bytes: the phase completes on this arrival and tells the consumers to stop.
             sm90::mbar_wait(&empty[stage], phase ^ 1);
@@ -207,6 +221,44 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
+            }
+          }
+        }
+      } else if (p >= 32) {
+        // The k_pe copiers: K[t, h, 128:128+d_rope] = k_pe[t] for every tile thread 0 claims,
+        // while the consumers compute it (the consumers did this in their epilogue, where it
+        // delayed the next tile's MMAs). 128 rows x 8 16-byte chunks per tile over 96 threads,
+        // four loads in flight per thread.
+        const int q = p - 32;
+        const int lane = p % 32;
+        const int rope_chunks = a.d_rope / 8;
+        for (uint32_t n = 0;; ++n) {
+          const uint32_t slot = n & 1, parity = (n >> 1) & 1;
+          sm90::mbar_wait(&kpe_full[slot], parity);
+          const int t = sm90::read_stage_tile(kpe_tile, (int)slot, lane);
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(&kpe_empty[slot]);
+          if (t < 0) break;
+          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          __nv_bfloat16 *k_tile =
+              a.k + (int64_t)tile.m0 * a.k_token_stride + (int64_t)tile.head * a.k_head_stride + kHeadDim;
+          for (int job0 = q; job0 < kBlockM * 8; job0 += 96 * 4) {
+            uint4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int job = job0 + 96 * u;
+              const int row = job >> 3, c = job & 7;
+              const int64_t src = (job < kBlockM * 8 && c < rope_chunks) ? source_row(a, tile.m0 + row) : -1;
+              v[u] = src < 0 ? make_uint4(0, 0, 0, 0)
+                             : __ldg(reinterpret_cast<const uint4 *>(a.k_pe + src * a.k_pe_stride) + c);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int job = job0 + 96 * u;
+              const int row = job >> 3, c = job & 7;
+              if (job < kBlockM * 8 && c < rope_chunks && tile.m0 + row < a.tokens) {
+                *reinterpret_cast<uint4 *>(k_tile + (int64_t)row * a.k_token_stride + c * 8) = v[u];
+              }
             }
           }
         }
@@ -320,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
-          if (kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {
+          if (!kTmaA && kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {  // kTmaA: the producer copies k_pe
 #pragma unroll
             for (int j = 0; j < kRopeSlots; ++j) {
               const int64_t src = (tid % 8) < rope_chunks ? source_row(a, row0 + tid / 8 + 16 * j) : -1;
@@ -341,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (!active) continue;
       const int barrier = 2 + consumer;
       const int64_t k_head = (int64_t)tile.head * a.k_head_stride;
-      if ((tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
+      if (!kTmaA && (tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
         __nv_bfloat16 *out = a.k + (int64_t)(row0 + tid / 8) * a.k_token_stride + k_head + kHeadDim + (tid % 8) * 8;
 #pragma unroll
         for (int j = 0; j < kRopeSlots; ++j) {
