@@ -19,9 +19,11 @@
 //                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
 //                    the A tile [128 x 64]; from a paged cache (rows scattered, which one TMA box
 //                    cannot address) all 128 threads gather the A tile with 16-byte cp.async (8
-//                    lanes per token row) into the same 128-byte swizzle TMA uses;
-//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
-//                    k_pe to K[t, h, 128:128+d_rope] and stages its columns in four 64-column boxes
+//                    lanes per token row) into the same 128-byte swizzle TMA uses; with a
+//                    contiguous latent, warps 1..3 (otherwise idle) copy each tile's k_pe to
+//                    K[t, h, 128:128+d_rope];
+//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then (gathered latent
+//                    only) stores the tokens' k_pe and stages its columns in four 64-column boxes
 //                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
 //                    that drains while the next boxes and the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival [+ 128 cp.async arrivals when gathering] + TMA bytes): the
