@@ -52,9 +52,10 @@ __device__ __forceinline__ float octet_sum(float v) {
 
 template <typename In>
 __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(const moekit_gating_params p) {
-  // + 1: a dummy slot that the compaction's non-candidates write to (no branch per key).
-  __shared__ float cand_key[kOctetRowsPerBlock][kOctetCap + 1];
-  __shared__ int cand_expert[kOctetRowsPerBlock][kOctetCap + 1];
+  // + 8: a dummy slot per lane that the compaction's non-candidates write to (no branch per key;
+  // one slot per lane, so racecheck sees no two lanes writing the same word).
+  __shared__ float cand_key[kOctetRowsPerBlock][kOctetCap + 8];
+  __shared__ int cand_expert[kOctetRowsPerBlock][kOctetCap + 8];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane & 7;  // this lane's group
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const bool candidate = kept && key[i] >= tau;
-      const int slot = candidate ? at : kOctetCap;
+      const int slot = candidate ? at : kOctetCap + g;
       ck[slot] = key[i];
       ce[slot] = 32 * g + i;
       at += candidate ? 1 : 0;
