@@ -154,9 +154,10 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_str
     return MOEKIT_ERR_UNSUPPORTED;
   }
   // 4 stages and one staging buffer (two 8 KB box slots) per consumer warpgroup (each box waits
-  // for the TMA store two boxes back to have read its slot). 3 stages with a buffer per pass (no wait within a tile) measured the
-  // same on the H200 at T = 8192 (513 vs 513 us), 5% slower at T = 1024 and 0-12% faster at
-  // T = 32768 across two runs: within the run-to-run spread, so the deeper ring stays.
+  // for the TMA store two boxes back to have read its slot). 3 stages with a buffer per pass (no
+  // wait within a tile) measured the same on the H200 at T = 8192 (513 vs 513 us), 5% slower at
+  // T = 1024 and 0-12% faster at T = 32768 across two runs: within the run-to-run spread, so the
+  // deeper ring stays.
   // A contiguous latent arrives by TMA (rows past num_rows read as zeros, as source_row says);
   // a paged one is gathered (decompress_sm90.cuh, kTmaA, has the measurements).
   CUtensorMap map_a;

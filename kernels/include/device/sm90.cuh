@@ -188,7 +188,7 @@ __host__ __device__ constexpr int launch_bound_registers(int threads) { return 6
 // Whether one producer warpgroup at `producer` registers and `consumers` warpgroups at `consumer`
 // registers fit the pool of a CTA of (1 + consumers) warpgroups.
 __host__ __device__ constexpr bool register_split_fits(int producer, int consumers, int consumer) {
-  return 128 * producer + 128 * consumers * consumer <= 128 * (1 + consumers) * launch_bound_registers(128 * (1 + consumers));
+  return producer + consumers * consumer <= (1 + consumers) * launch_bound_registers(128 * (1 + consumers));
 }
 
 template <int R>
