@@ -102,6 +102,13 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
                                   const CUtensorMap &map_v, const Args &a, int grid, moekit_stream stream) {
   constexpr size_t smem = smem_bytes<kStages, kStagingBufs>();
   auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA>;
+  // The kernel's setmaxnreg split assumes the CTA's register pool of its launch bounds (384 x 168,
+  // asserted at compile time); ptxas allocating fewer would make setmaxnreg.inc wait forever.
+  static const int registers = [kernel] {
+    cudaFuncAttributes attr;
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : 0;
+  }();
+  if (registers < sm90::launch_bound_registers(kThreads)) return MOEKIT_ERR_UNSUPPORTED;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_a, map_k, map_v, a));
   return MOEKIT_OK;

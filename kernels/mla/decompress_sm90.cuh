@@ -19,9 +19,11 @@
 //                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
 //                    the A tile [128 x 64]; from a paged cache (rows scattered, which one TMA box
 //                    cannot address) all 128 threads gather the A tile with 16-byte cp.async (8
-//                    lanes per token row) into the same 128-byte swizzle TMA uses;
-//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stores the token's
-//                    k_pe to K[t, h, 128:128+d_rope] and stages its columns in four 64-column boxes
+//                    lanes per token row) into the same 128-byte swizzle TMA uses; with a
+//                    contiguous latent, warps 1..3 (otherwise idle) copy each tile's k_pe to
+//                    K[t, h, 128:128+d_rope];
+//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then (gathered latent
+//                    only) stores the tokens' k_pe and stages its columns in four 64-column boxes
 //                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
 //                    that drains while the next boxes and the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival [+ 128 cp.async arrivals when gathering] + TMA bytes): the
@@ -99,10 +101,10 @@ __device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads) {
 constexpr int kStagingBytes = 64 * kHeadDim * 2;
 template <int kStages, int kStagingBufs>
 constexpr size_t smem_bytes() {
-  // 231,528 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
+  // 231,568 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
   return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * kStagingBufs * kStagingBytes +
-         2 * kStages * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
-         2 * kBlockM * sizeof(int32_t) + 1024;
+         (2 * kStages + 4) * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
+         2 * kBlockM * sizeof(int32_t) + 2 * sizeof(int32_t) + 1024;
 }
 static_assert(smem_bytes<4, 1>() <= 232448, "over the 227 KB of shared memory a block may use");
 static_assert(smem_bytes<3, 2>() <= 232448, "over the 227 KB of shared memory a block may use");
@@ -143,6 +145,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
+  constexpr int kProducerRegs = kTmaA ? 40 : 72;
+  constexpr int kConsumerRegs = kTmaA ? 232 : 208;
 
   extern __shared__ uint8_t smem_raw[];
   // Swizzled tiles must start on 1024-byte boundaries.
@@ -152,12 +156,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][kStagingBufs][16 KB]
   uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * kStagingBufs * kStagingBytes);
   uint64_t *empty = full + kStages;
+  // kTmaA: thread 0 hands each claimed tile to the producer's k_pe copiers (warps 1..3) through a
+  // two-slot mailbox: kpe_full[i] (its arrival), kpe_empty[i] (lane 0 of each copier warp).
+  uint64_t *kpe_full = empty + kStages;
+  uint64_t *kpe_empty = kpe_full + 2;
   // The tile of each stage as its first token (-1 = stop) and head, decoded once by the producer:
   // the consumers' two integer divisions per tile were 6% of their stall samples (ncu, T = 8192).
-  int32_t *stage_m0 = reinterpret_cast<int32_t *>(empty + kStages);
+  int32_t *stage_m0 = reinterpret_cast<int32_t *>(kpe_empty + 2);
   int32_t *stage_head = stage_m0 + kStages;
   int32_t *claimed = stage_head + kStages;  // [2] the producer's claimed tile, double-buffered
   int32_t *row_index = claimed + 2;  // [2][128] source row of each tile row (-1: zeros), double-buffered
+  int32_t *kpe_tile = row_index + 2 * kBlockM;  // [2] the mailbox: a claimed tile, -1 = stop
 
   const int warpgroup = threadIdx.x / 128;
   const int m_tiles = (a.tokens + kBlockM - 1) / kBlockM;
@@ -168,16 +177,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbar_init(&full[s], kTmaA ? 1 : 1 + 128);
       sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
     }
+    for (int i = 0; i < 2; ++i) {
+      sm90::mbar_init(&kpe_full[i], 1);
+      sm90::mbar_init(&kpe_empty[i], 3);
+    }
     sm90::fence_barrier_init();
   }
   __syncthreads();
   // The tile counter and the row table come from the prepare kernel this one depends on.
   wait_for_previous_grid();
   if (warpgroup == 0) {
-    // Producer. 40 registers (the gather needs no more); 128 x 40 + 256 x 232
-    // fits the 64 K register file the launch bounds reserve (384 x 168).
-    static_assert(sm90::register_split_fits(40, kConsumers, 232), "setmaxnreg would overdraw the CTA's pool");
-    sm90::setmaxnreg_dec<40>();
+    // Producer. Gathering, 72 registers: the gather keeps its 8 rows' sources for the whole tile;
+    // the CTA's pool is what the launch bounds reserve (384 x 168), 128 x 72 + 256 x 208 fits it,
+    // and the consumers compile without spills at 208 (ptxas; without setmaxnreg they spill 288
+    // bytes). With a TMA-loaded latent the producer needs no more than 40 and the consumers keep
+    // 232 (the split run 20 measured).
+    static_assert(sm90::register_split_fits(kProducerRegs, kConsumers, kConsumerRegs),
+                  "setmaxnreg would overdraw the CTA's pool");
+    sm90::setmaxnreg_dec<kProducerRegs>();
     const int p = threadIdx.x;
     if (p == 0) sm90::tma_prefetch_descriptor(&map_w);
     int stage = 0;
@@ -185,8 +202,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kTmaA) {
       if (p == 0) {
         sm90::tma_prefetch_descriptor(&map_a);
-        while (true) {
+        for (uint32_t n = 0;; ++n) {
           const int t = atomicAdd(a.tile_counter, 1);
+          // Hand the tile (or the stop) to the k_pe copiers.
+          const uint32_t slot = n & 1, parity = (n >> 1) & 1;
+          sm90::mbar_wait(&kpe_empty[slot], parity ^ 1);
+          kpe_tile[slot] = t < total ? t : -1;
+          sm90::mbar_arrive(&kpe_full[slot]);  // release: the copiers read kpe_tile after their wait
           if (t >= total) {
             // No bytes: the phase completes on this arrival and tells the consumers to stop.
             sm90::mbar_wait(&empty[stage], phase ^ 1);
@@ -206,6 +228,44 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
+            }
+          }
+        }
+      } else if (p >= 32) {
+        // The k_pe copiers: K[t, h, 128:128+d_rope] = k_pe[t] for every tile thread 0 claims,
+        // while the consumers compute it (the consumers did this in their epilogue, where it
+        // delayed the next tile's MMAs). 128 rows x 8 16-byte chunks per tile over 96 threads,
+        // four loads in flight per thread.
+        const int q = p - 32;
+        const int lane = p % 32;
+        const int rope_chunks = a.d_rope / 8;
+        for (uint32_t n = 0;; ++n) {
+          const uint32_t slot = n & 1, parity = (n >> 1) & 1;
+          sm90::mbar_wait(&kpe_full[slot], parity);
+          const int t = sm90::read_stage_tile(kpe_tile, (int)slot, lane);
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(&kpe_empty[slot]);
+          if (t < 0) break;
+          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          __nv_bfloat16 *k_tile =
+              a.k + (int64_t)tile.m0 * a.k_token_stride + (int64_t)tile.head * a.k_head_stride + kHeadDim;
+          for (int job0 = q; job0 < kBlockM * 8; job0 += 96 * 4) {
+            uint4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int job = job0 + 96 * u;
+              const int row = job >> 3, c = job & 7;
+              const int64_t src = (job < kBlockM * 8 && c < rope_chunks) ? source_row(a, tile.m0 + row) : -1;
+              v[u] = src < 0 ? make_uint4(0, 0, 0, 0)
+                             : __ldg(reinterpret_cast<const uint4 *>(a.k_pe + src * a.k_pe_stride) + c);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int job = job0 + 96 * u;
+              const int row = job >> 3, c = job & 7;
+              if (job < kBlockM * 8 && c < rope_chunks && tile.m0 + row < a.tokens) {
+                *reinterpret_cast<uint4 *>(k_tile + (int64_t)row * a.k_token_stride + c * 8) = v[u];
+              }
             }
           }
         }
@@ -238,8 +298,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int w_row = tile.head * kBlockN;
         // Copy layout: 8 consecutive lanes copy one row's 128 bytes, so a warp instruction reads 4
         // whole rows (one 16-byte chunk per thread per row scattered the 32-byte sectors over two
-        // instructions and doubled the L2 traffic of the A tile).
+        // instructions and doubled the L2 traffic of the A tile). Thread p copies chunk p % 8 of
+        // rows 16 j + p / 8; their sources are resolved once per tile into registers and advance
+        // by one k-block per stage. (v3 re-read the row table and redid the 64-bit address
+        // arithmetic for every copy: ~140 instructions per thread per stage, under a 40-register
+        // budget.)
         const int chunk = p % 8;
+        const __nv_bfloat16 *src_ptr[kBlockM / 16];
+        uint32_t live_rows = 0;  // bit j: row 16 j + p / 8 has a source (else it is zero-filled)
+#pragma unroll
+        for (int j = 0; j < kBlockM / 16; ++j) {
+          const int src = rows[16 * j + p / 8];
+          live_rows |= (src >= 0 ? 1u : 0u) << j;
+          src_ptr[j] = a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride) + chunk * 8;
+        }
+        // Row 16 j + p / 8 of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk
+        // c ^ (r % 8), and r % 8 = (p / 8) % 8 for every j.
+        const uint32_t dst_offset = (uint32_t)((p / 8) * (kBlockK * 2) + ((chunk ^ ((p / 8) & 7)) << 4));
         for (int kb = 0; kb < k_blocks; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           if (p == 0) {
@@ -249,25 +324,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::mbar_arrive_expect_tx(&full[stage], kBytesB);
             sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
           }
-          const uint32_t tile_a = sm90::smem_addr(sa + stage * kTileA);
-          // The 8 source rows this thread copies, all read before the first copy: read one per
-          // copy, each load sat after a cp.async the compiler would not move it past, and the 8
-          // dependent shared-memory round trips per k-block were the producer's largest stall (ncu
-          // stall samples, T = 8192: 40% of the gather loop) while the consumers waited for full
-          // stages 10% of their time. (Kept in registers for the whole tile they cost an 8-byte
-          // spill under the producer's 40-register budget.)
-          int src_rows[kBlockM / 16];
-#pragma unroll
-          for (int j = 0; j < kBlockM / 16; ++j) src_rows[j] = rows[16 * j + p / 8];
+          const uint32_t dst = sm90::smem_addr(sa + stage * kTileA) + dst_offset;
 #pragma unroll
           for (int j = 0; j < kBlockM / 16; ++j) {
-            const int r = 16 * j + p / 8;
-            const int src = src_rows[j];
-            // Row r of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk c ^ (r % 8).
-            const uint32_t dst = tile_a + r * (kBlockK * 2) + ((chunk ^ (r & 7)) << 4);
-            const __nv_bfloat16 *from =
-                a.latent + (src < 0 ? 0 : (int64_t)src * a.latent_stride + kb * kBlockK + chunk * 8);
-            sm90::cp_async_16(dst, from, src < 0 ? 0u : 16u);
+            const bool live = (live_rows >> j) & 1u;
+            sm90::cp_async_16(dst + j * 16 * (kBlockK * 2), src_ptr[j] + (live ? kb * kBlockK : 0), live ? 16u : 0u);
           }
           sm90::cp_async_mbar_arrive_noinc(&full[stage]);
           if (++stage == kStages) {
@@ -278,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    sm90::setmaxnreg_inc<232>();
+    sm90::setmaxnreg_inc<kConsumerRegs>();
     const int consumer = warpgroup - 1;
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32;
@@ -318,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
-          if (kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {
+          if (!kTmaA && kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {  // kTmaA: the producer copies k_pe
 #pragma unroll
             for (int j = 0; j < kRopeSlots; ++j) {
               const int64_t src = (tid % 8) < rope_chunks ? source_row(a, row0 + tid / 8 + 16 * j) : -1;
@@ -339,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (!active) continue;
       const int barrier = 2 + consumer;
       const int64_t k_head = (int64_t)tile.head * a.k_head_stride;
-      if ((tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
+      if (!kTmaA && (tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
         __nv_bfloat16 *out = a.k + (int64_t)(row0 + tid / 8) * a.k_token_stride + k_head + kHeadDim + (tid % 8) * 8;
 #pragma unroll
         for (int j = 0; j < kRopeSlots; ++j) {
