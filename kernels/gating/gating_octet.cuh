@@ -25,15 +25,14 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace moekit {
 namespace gating {
 
 constexpr int kOctetWarps = 4;
-constexpr int kOctetRowsPerWarp = 4;
-constexpr int kOctetRowsPerBlock = kOctetWarps * kOctetRowsPerWarp;
 constexpr int kOctetCap = 32;  // candidates a row ranks in shared memory
-constexpr int kOctetMaxK = 8;  // output slot j belongs to lane j of the octet in the rounds path
+constexpr int kOctetMaxK = 8;  // output slot j belongs to lane j of the row in the rounds path
 
 inline bool octet_path_applies(const moekit_gating_params &p) {
   auto aligned16 = [](const void *q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
@@ -43,41 +42,64 @@ inline bool octet_path_applies(const moekit_gating_params &p) {
          (p.correction_bias == nullptr || aligned16(p.correction_bias));
 }
 
-// Sum over the 8 lanes of an octet (xor distances below 8 stay inside it).
-__device__ __forceinline__ float octet_sum(float v) {
+// How a row maps onto lanes: kLanesPerGroup lanes share each 32-expert group, so a row takes
+// 8 * kLanesPerGroup lanes and lane r of a row holds experts [r * kKeys, (r + 1) * kKeys).
+template <int kLanesPerGroup>
+struct OctetShape {
+  static constexpr int kRowLanes = 8 * kLanesPerGroup;
+  static constexpr int kRowsPerWarp = 32 / kRowLanes;
+  static constexpr int kRowsPerBlock = kOctetWarps * kRowsPerWarp;
+  static constexpr int kKeys = 32 / kLanesPerGroup;        // keys per lane
+  static constexpr int kPerLane = kOctetCap / kRowLanes;   // candidates each lane ranks
+  static_assert(kRowLanes >= kOctetMaxK, "the rounds path gives output slot j to lane j of the row");
+};
+
+// Reduction over the lanes [o_first, ..., kRowLanes) apart inside a row (xor distances below
+// kRowLanes stay inside it, rows being aligned to kRowLanes).
+template <int kRowLanes, typename T, typename Op>
+__device__ __forceinline__ T row_reduce(T v, Op op, int from = 1) {
 #pragma unroll
-  for (int o = 1; o < 8; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  for (int o = 1; o < kRowLanes; o <<= 1)
+    if (o >= from) v = op(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
-template <typename In>
+template <typename In, int kLanesPerGroup>
 __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(const moekit_gating_params p) {
-  // + 8: a dummy slot per lane that the compaction's non-candidates write to (no branch per key;
-  // one slot per lane, so racecheck sees no two lanes writing the same word).
-  __shared__ float cand_key[kOctetRowsPerBlock][kOctetCap + 8];
-  __shared__ int cand_expert[kOctetRowsPerBlock][kOctetCap + 8];
+  using S = OctetShape<kLanesPerGroup>;
+  constexpr int kKeys = S::kKeys;
+  // + kRowLanes: a dummy slot per lane that the compaction's non-candidates write to (no branch per
+  // key; one slot per lane, so racecheck sees no two lanes writing the same word).
+  __shared__ float cand_key[S::kRowsPerBlock][kOctetCap + S::kRowLanes];
+  __shared__ int cand_expert[S::kRowsPerBlock][kOctetCap + S::kRowLanes];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int g = lane & 7;  // this lane's group
-  const int local_row = warp * kOctetRowsPerWarp + (lane >> 3);
-  const int64_t row = (int64_t)blockIdx.x * kOctetRowsPerBlock + local_row;
+  const int r = lane % S::kRowLanes;  // this lane's place in its row
+  const int g = r / kLanesPerGroup;   // this lane's group
+  const int row_base = lane - r;      // the row's first lane
+  const int first_expert = r * kKeys;
+  const int local_row = warp * S::kRowsPerWarp + lane / S::kRowLanes;
+  const int64_t row = (int64_t)blockIdx.x * S::kRowsPerBlock + local_row;
   const bool live_row = row < p.tokens;  // lanes of rows past the end compute on -inf, store nothing
   const In *logits = static_cast<const In *>(p.logits) + (live_row ? row : 0) * 256;
   const int k = p.top_k;
+  auto fmax_op = [](float a, float b) { return fmaxf(a, b); };
+  auto fmin_op = [](float a, float b) { return fminf(a, b); };
 
   // 1. Keys.
   constexpr int kVec = 16 / (int)sizeof(In);
-  float key[32];
+  static_assert(kKeys % kVec == 0 && kKeys % 4 == 0, "whole vector loads per lane");
+  float key[kKeys];
 #pragma unroll
-  for (int c = 0; c < 32 / kVec; ++c) {
-    Packed<In, kVec> v = ldg(reinterpret_cast<const Packed<In, kVec> *>(logits + 32 * g) + c);
+  for (int c = 0; c < kKeys / kVec; ++c) {
+    Packed<In, kVec> v = ldg(reinterpret_cast<const Packed<In, kVec> *>(logits + first_expert) + c);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) key[c * kVec + j] = live_row ? Dtype<In>::to_f32(v.v[j]) : -INFINITY;
   }
 #pragma unroll
-  for (int c = 0; c < 8; ++c) {
+  for (int c = 0; c < kKeys / 4; ++c) {
     const float4 b = p.correction_bias != nullptr
-                         ? __ldg(reinterpret_cast<const float4 *>(p.correction_bias + 32 * g) + c)
+                         ? __ldg(reinterpret_cast<const float4 *>(p.correction_bias + first_expert) + c)
                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     key[4 * c] = no_nan(sigmoid(no_nan(key[4 * c])) + b.x);
     key[4 * c + 1] = no_nan(sigmoid(no_nan(key[4 * c + 1])) + b.y);
@@ -85,40 +107,45 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
     key[4 * c + 3] = no_nan(sigmoid(no_nan(key[4 * c + 3])) + b.w);
   }
 
-  // 2. Group score and the kept groups.
+  // 2. Group score (the sum of the group's two largest keys) and the kept groups.
   float t1 = -INFINITY, t2 = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
+  for (int i = 0; i < kKeys; ++i) {
     t2 = fmaxf(t2, fminf(t1, key[i]));
     t1 = fmaxf(t1, key[i]);
+  }
+#pragma unroll
+  for (int o = 1; o < kLanesPerGroup; o <<= 1) {  // merge the group's lanes' top two
+    const float u1 = __shfl_xor_sync(kFullMask, t1, o);
+    const float u2 = __shfl_xor_sync(kFullMask, t2, o);
+    t2 = fmaxf(fmaxf(t2, u2), fminf(t1, u1));
+    t1 = fmaxf(t1, u1);
   }
   const float group_score = no_nan(t1 + t2);
   int group_rank = 0;
 #pragma unroll
   for (int d = 1; d < 8; ++d) {
     const int other = (g + d) & 7;
-    const float s = __shfl_sync(kFullMask, group_score, (lane & ~7) | other);
+    const float s = __shfl_sync(kFullMask, group_score, row_base + other * kLanesPerGroup);
     group_rank += (int)(s > group_score) | ((int)(s == group_score) & (int)(other < g));
   }
   // A row past the end keeps no group: no candidates, nothing chosen.
   const bool kept = live_row && group_rank < p.topk_group;
 
-  // 3. tau and the candidates.
-  float tau = kept ? t2 : INFINITY;
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) tau = fminf(tau, __shfl_xor_sync(kFullMask, tau, o));
+  // 3. tau and the candidates. The lanes of a group hold the same t2, so the reduction over
+  // groups starts at distance kLanesPerGroup.
+  const float tau = row_reduce<S::kRowLanes>(kept ? t2 : INFINITY, fmin_op, kLanesPerGroup);
   int mine = 0;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) mine += (kept && key[i] >= tau) ? 1 : 0;
-  int upto = mine;  // inclusive prefix over the octet
+  for (int i = 0; i < kKeys; ++i) mine += (kept && key[i] >= tau) ? 1 : 0;
+  int upto = mine;  // inclusive prefix over the row
 #pragma unroll
-  for (int d = 1; d < 8; d <<= 1) {
-    const int v = __shfl_up_sync(kFullMask, upto, d, 8);
-    if (g >= d) upto += v;
+  for (int d = 1; d < S::kRowLanes; d <<= 1) {
+    const int v = __shfl_up_sync(kFullMask, upto, d, S::kRowLanes);
+    if (r >= d) upto += v;
   }
-  const int total = __shfl_sync(kFullMask, upto, lane | 7);
+  const int total = __shfl_sync(kFullMask, upto, row_base + S::kRowLanes - 1);
 
-  float w_sum_part = 0.0f;
   if (!__any_sync(kFullMask, total > kOctetCap)) {  // (rows past the end have no candidates)
     // 4. Rank the candidates.
     float *ck = cand_key[local_row];
@@ -127,20 +154,20 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
     // ~16 instructions per key in the SASS).
     int at = upto - mine;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < kKeys; ++i) {
       const bool candidate = kept && key[i] >= tau;
-      const int slot = candidate ? at : kOctetCap + g;
+      const int slot = candidate ? at : kOctetCap + r;
       ck[slot] = key[i];
-      ce[slot] = 32 * g + i;
+      ce[slot] = first_expert + i;
       at += candidate ? 1 : 0;
     }
     __syncwarp();
-    constexpr int kPerLane = kOctetCap / 8;
+    constexpr int kPerLane = S::kPerLane;
     float my_key[kPerLane];
     int my_expert[kPerLane], my_rank[kPerLane];
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
-      const int j = g + 8 * m;
+      const int j = r + S::kRowLanes * m;
       my_key[m] = j < total ? ck[j] : -INFINITY;
       my_expert[m] = j < total ? ce[j] : 0x7fffffff;
       my_rank[m] = 0;
@@ -156,16 +183,17 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
     }
     // 5. Weights of the chosen candidates, renormalized over the row.
     float w[kPerLane];
+    float w_sum_part = 0.0f;
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
-      const bool chosen = g + 8 * m < total && my_rank[m] < k;  // total is 0 past the end
+      const bool chosen = r + S::kRowLanes * m < total && my_rank[m] < k;  // total is 0 past the end
       w[m] = chosen ? sigmoid(no_nan(Dtype<In>::to_f32(logits[my_expert[m]]))) : 0.0f;
       w_sum_part += w[m];
     }
-    const float w_sum = octet_sum(w_sum_part);
+    const float w_sum = row_reduce<S::kRowLanes>(w_sum_part, [](float a, float b) { return a + b; });
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
-      const bool chosen = g + 8 * m < total && my_rank[m] < k;
+      const bool chosen = r + S::kRowLanes * m < total && my_rank[m] < k;
       if (chosen && live_row) {
         float v = p.renormalize ? w[m] / (w_sum + 1e-20f) : w[m];
         v *= p.routed_scaling_factor;
@@ -176,44 +204,55 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
     }
   } else {
     // Too many candidates in some row of this warp (ties): k rounds over the registers for all
-    // four rows. Dead keys are NaN (fmaxf skips them, every comparison with them is false).
+    // its rows. Dead keys are NaN (fmaxf skips them, every comparison with them is false).
 #pragma unroll
-    for (int i = 0; i < 32; ++i) key[i] = kept ? key[i] : __int_as_float(0x7fc00000);
+    for (int i = 0; i < kKeys; ++i) key[i] = kept ? key[i] : __int_as_float(0x7fc00000);
     int my_pick = 0;
     for (int j = 0; j < k; ++j) {
       float m = __int_as_float(0x7fc00000);
 #pragma unroll
-      for (int i = 0; i < 32; ++i) m = fmaxf(m, key[i]);
-#pragma unroll
-      for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+      for (int i = 0; i < kKeys; ++i) m = fmaxf(m, key[i]);
+      m = row_reduce<S::kRowLanes>(m, fmax_op);
       int first = 0x7fffffff;
 #pragma unroll
-      for (int i = 31; i >= 0; --i) first = key[i] == m ? 32 * g + i : first;
+      for (int i = kKeys - 1; i >= 0; --i) first = key[i] == m ? first_expert + i : first;
+      first = row_reduce<S::kRowLanes>(first, [](int a, int b) { return min(a, b); });
+      if (r == j) my_pick = first;
 #pragma unroll
-      for (int o = 1; o < 8; o <<= 1) first = min(first, __shfl_xor_sync(kFullMask, first, o));
-      if (g == j) my_pick = first;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) key[i] = first == 32 * g + i ? __int_as_float(0x7fc00000) : key[i];
+      for (int i = 0; i < kKeys; ++i) key[i] = first == first_expert + i ? __int_as_float(0x7fc00000) : key[i];
     }
-    const bool active = live_row && g < k;  // a row past the end picked nothing (my_pick is junk)
+    const bool active = live_row && r < k;  // a row past the end picked nothing (my_pick is junk)
     const float w = active ? sigmoid(no_nan(Dtype<In>::to_f32(logits[my_pick]))) : 0.0f;
-    const float w_sum = octet_sum(w);
+    const float w_sum = row_reduce<S::kRowLanes>(w, [](float a, float b) { return a + b; });
     if (active) {
       float v = p.renormalize ? w / (w_sum + 1e-20f) : w;
       v *= p.routed_scaling_factor;
-      p.topk_ids[row * k + g] = my_pick;
-      p.topk_weights[row * k + g] = v;
+      p.topk_ids[row * k + r] = my_pick;
+      p.topk_weights[row * k + r] = v;
       if (p.expert_counts != nullptr) atomicAdd(p.expert_counts + my_pick, 1);
     }
   }
 }
 
+template <typename In, int kLanesPerGroup>
+moekit_status run_octet_shape(const moekit_gating_params &p, moekit_stream stream) {
+  constexpr int kRows = OctetShape<kLanesPerGroup>::kRowsPerBlock;
+  const int64_t blocks = ceil_div(p.tokens, kRows);
+  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  topk_gating_octet_kernel<In, kLanesPerGroup><<<(unsigned)blocks, kOctetWarps * 32, 0, stream>>>(p);
+  return last_launch_status();
+}
+
+// EXPERIMENT: MOEKIT_GATING_LPG=1|2|4 forces the lanes per group (default 1).
 template <typename In>
 moekit_status run_octet(const moekit_gating_params &p, moekit_stream stream) {
-  const int64_t blocks = ceil_div(p.tokens, kOctetRowsPerBlock);
-  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  topk_gating_octet_kernel<In><<<(unsigned)blocks, kOctetWarps * 32, 0, stream>>>(p);
-  return last_launch_status();
+  static const int forced = [] {
+    const char *v = getenv("MOEKIT_GATING_LPG");
+    return v != nullptr ? atoi(v) : 1;
+  }();
+  if (forced == 4) return run_octet_shape<In, 4>(p, stream);
+  if (forced == 2) return run_octet_shape<In, 2>(p, stream);
+  return run_octet_shape<In, 1>(p, stream);
 }
 
 }  // namespace gating
