@@ -477,17 +477,17 @@ moekit_status run(const moekit_gating_params &p, moekit_stream stream) {
 }  // namespace gating
 }  // namespace moekit
 
-#include "gating_octet.cuh"
+#include "gating_group_tau.cuh"
 
 namespace moekit {
 namespace gating {
 
-// The DeepSeek-V3 rule takes the octet kernel (gating_octet.cuh); everything else dispatches on
+// The DeepSeek-V3 rule takes the group-tau kernel (gating_group_tau.cuh); everything else dispatches on
 // the slots per lane, S = the smallest power of two >= E/32 (at least 4: fewer slots would leave
 // 16-bit rows without a vector load and save nothing measurable).
 template <typename In>
 moekit_status launch(const moekit_gating_params &p, moekit_stream stream) {
-  if (octet_path_applies(p)) return run_octet<In>(p, stream);
+  if (group_tau_path_applies(p)) return run_group_tau<In>(p, stream);
   const int per_lane = (p.num_experts + 31) / 32;
   if (per_lane <= 4) return run<In, 4>(p, stream);
   if (per_lane <= 8) return run<In, 8>(p, stream);

@@ -1,15 +1,17 @@
-// Top-k gating fast path for the DeepSeek-V3 rule: 8 lanes per token row, 4 rows per warp.
+// Top-k gating fast path for the DeepSeek-V3 rule: each 32-expert group of a token row is held by
+// kLanesPerGroup lanes (4 by default: a warp per row, 8 keys per lane; kGroupTauLanesPerGroup below
+// holds the measurements).
 //
-// Applies when E = 256 in 8 groups of 32 (one group per lane), sigmoid scores, group score = sum
-// of the top two, weights = the unbiased scores of the chosen experts, no router bias, k <= 8 and
-// 2 * topk_group >= k (octet_path_applies). Why: the one-warp-per-row kernel spends ~630 of its
-// 1034 warp-instructions per row on cross-lane work (ncu, run 15), paid once per row; here every
-// shuffle serves 4 rows and a group's top-two needs none (BENCHMARKS.md, "Not yet measured").
+// Applies when E = 256 in 8 groups of 32, sigmoid scores, group score = sum of the top two,
+// weights = the unbiased scores of the chosen experts, no router bias, k <= 8 and
+// 2 * topk_group >= k (group_tau_path_applies). Why: the generic one-warp-per-row kernel spends ~630 of
+// its 1034 warp-instructions per row on selection rounds (ncu, run 15); here a row needs no rounds.
 //
-// Per row (lane g of the row's octet holds experts [32 g, 32 g + 32)):
+// Per row (lane r of the row holds experts [r * kKeys, (r + 1) * kKeys)):
 //   1. keys = sigmoid(logit) + correction bias (NaN -> -inf, as the warp kernel);
-//   2. the group score is the sum of the lane's two largest keys; a group's rank among the 8
-//      (larger score first, ties to the lower group) comes from 7 shuffles; kept = rank < topk_group;
+//   2. the group score is the sum of the group's two largest keys (each lane's top two, merged over
+//      the group's lanes); a group's rank among the 8 (larger score first, ties to the lower
+//      group) comes from 7 shuffles; kept = rank < topk_group;
 //   3. tau = the smallest second-largest key of the kept groups: those 2 * topk_group >= k keys are
 //      distinct elements, so the k-th largest kept key is >= tau and every key of the top k is a
 //      candidate (key >= tau in a kept group);
@@ -17,7 +19,7 @@
 //      candidates with a larger key, or an equal key and a lower expert: every key above a top-k
 //      candidate is a candidate too, so these are the global ranks, and rank < k is the output
 //      slot (descending key, ties to the lower expert, as the reference);
-//   5. rows with more than kOctetCap candidates (ties: constant rows, all-NaN rows) make their
+//   5. rows with more than kGroupTauCap candidates (ties: constant rows, all-NaN rows) make their
 //      warp take k selection rounds over the registers instead (uniform control flow per warp).
 #pragma once
 
@@ -25,19 +27,18 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 namespace moekit {
 namespace gating {
 
-constexpr int kOctetWarps = 4;
-constexpr int kOctetCap = 32;  // candidates a row ranks in shared memory
-constexpr int kOctetMaxK = 8;  // output slot j belongs to lane j of the row in the rounds path
+constexpr int kGroupTauWarps = 4;
+constexpr int kGroupTauCap = 32;  // candidates a row ranks in shared memory
+constexpr int kGroupTauMaxK = 8;  // output slot j belongs to lane j of the row in the rounds path
 
-inline bool octet_path_applies(const moekit_gating_params &p) {
+inline bool group_tau_path_applies(const moekit_gating_params &p) {
   auto aligned16 = [](const void *q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   return p.num_experts == 256 && p.group_select == MOEKIT_GROUP_SUM_TOP2 && p.n_group == 8 &&
-         p.top_k <= kOctetMaxK && 2 * p.topk_group >= p.top_k && p.score_func == MOEKIT_SCORE_SIGMOID &&
+         p.top_k <= kGroupTauMaxK && 2 * p.topk_group >= p.top_k && p.score_func == MOEKIT_SCORE_SIGMOID &&
          p.weight_source == MOEKIT_WEIGHTS_SCORES && p.router_bias == nullptr && aligned16(p.logits) &&
          (p.correction_bias == nullptr || aligned16(p.correction_bias));
 }
@@ -45,13 +46,13 @@ inline bool octet_path_applies(const moekit_gating_params &p) {
 // How a row maps onto lanes: kLanesPerGroup lanes share each 32-expert group, so a row takes
 // 8 * kLanesPerGroup lanes and lane r of a row holds experts [r * kKeys, (r + 1) * kKeys).
 template <int kLanesPerGroup>
-struct OctetShape {
+struct GroupTauShape {
   static constexpr int kRowLanes = 8 * kLanesPerGroup;
   static constexpr int kRowsPerWarp = 32 / kRowLanes;
-  static constexpr int kRowsPerBlock = kOctetWarps * kRowsPerWarp;
+  static constexpr int kRowsPerBlock = kGroupTauWarps * kRowsPerWarp;
   static constexpr int kKeys = 32 / kLanesPerGroup;        // keys per lane
-  static constexpr int kPerLane = kOctetCap / kRowLanes;   // candidates each lane ranks
-  static_assert(kRowLanes >= kOctetMaxK, "the rounds path gives output slot j to lane j of the row");
+  static constexpr int kPerLane = kGroupTauCap / kRowLanes;   // candidates each lane ranks
+  static_assert(kRowLanes >= kGroupTauMaxK, "the rounds path gives output slot j to lane j of the row");
 };
 
 // Reduction over the lanes [o_first, ..., kRowLanes) apart inside a row (xor distances below
@@ -65,13 +66,13 @@ __device__ __forceinline__ T row_reduce(T v, Op op, int from = 1) {
 }
 
 template <typename In, int kLanesPerGroup>
-__global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(const moekit_gating_params p) {
-  using S = OctetShape<kLanesPerGroup>;
+__global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_kernel(const moekit_gating_params p) {
+  using S = GroupTauShape<kLanesPerGroup>;
   constexpr int kKeys = S::kKeys;
   // + kRowLanes: a dummy slot per lane that the compaction's non-candidates write to (no branch per
   // key; one slot per lane, so racecheck sees no two lanes writing the same word).
-  __shared__ float cand_key[S::kRowsPerBlock][kOctetCap + S::kRowLanes];
-  __shared__ int cand_expert[S::kRowsPerBlock][kOctetCap + S::kRowLanes];
+  __shared__ float cand_key[S::kRowsPerBlock][kGroupTauCap + S::kRowLanes];
+  __shared__ int cand_expert[S::kRowsPerBlock][kGroupTauCap + S::kRowLanes];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int r = lane % S::kRowLanes;  // this lane's place in its row
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
   }
   const int total = __shfl_sync(kFullMask, upto, row_base + S::kRowLanes - 1);
 
-  if (!__any_sync(kFullMask, total > kOctetCap)) {  // (rows past the end have no candidates)
+  if (!__any_sync(kFullMask, total > kGroupTauCap)) {  // (rows past the end have no candidates)
     // 4. Rank the candidates.
     float *ck = cand_key[local_row];
     int *ce = cand_expert[local_row];
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
 #pragma unroll
     for (int i = 0; i < kKeys; ++i) {
       const bool candidate = kept && key[i] >= tau;
-      const int slot = candidate ? at : kOctetCap + r;
+      const int slot = candidate ? at : kGroupTauCap + r;
       ck[slot] = key[i];
       ce[slot] = first_expert + i;
       at += candidate ? 1 : 0;
@@ -235,24 +236,29 @@ __global__ void __launch_bounds__(kOctetWarps * 32) topk_gating_octet_kernel(con
 }
 
 template <typename In, int kLanesPerGroup>
-moekit_status run_octet_shape(const moekit_gating_params &p, moekit_stream stream) {
-  constexpr int kRows = OctetShape<kLanesPerGroup>::kRowsPerBlock;
+moekit_status run_group_tau_shape(const moekit_gating_params &p, moekit_stream stream) {
+  constexpr int kRows = GroupTauShape<kLanesPerGroup>::kRowsPerBlock;
   const int64_t blocks = ceil_div(p.tokens, kRows);
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  topk_gating_octet_kernel<In, kLanesPerGroup><<<(unsigned)blocks, kOctetWarps * 32, 0, stream>>>(p);
+  topk_gating_group_tau_kernel<In, kLanesPerGroup><<<(unsigned)blocks, kGroupTauWarps * 32, 0, stream>>>(p);
   return last_launch_status();
 }
 
-// EXPERIMENT: MOEKIT_GATING_LPG=1|2|4 forces the lanes per group (default 1).
+// Lanes per 32-expert group. H200, DeepSeek-V3 f32 logits, event-timed medians (run 21; the empty
+// kernel is 3.4 us):
+//   lanes per group        1      2      4
+//   T = 128             6.65   5.35   4.97 us
+//   T = 4096            9.27   7.85   7.59
+//   T = 16384          20.0   15.6   15.4
+//   T = 65536          58.7   43.8   44.1
+// One lane per group (109 registers, 4 rows per warp) ran a ~1160-instruction dependent chain per
+// warp at 25% occupancy (ncu: 1.06 IPC at T = 4096); a whole warp per row (39 registers) halves
+// the chain's length per key and fills the SM. Two lanes per group are as fast only at T = 65536.
+constexpr int kGroupTauLanesPerGroup = 4;
+
 template <typename In>
-moekit_status run_octet(const moekit_gating_params &p, moekit_stream stream) {
-  static const int forced = [] {
-    const char *v = getenv("MOEKIT_GATING_LPG");
-    return v != nullptr ? atoi(v) : 1;
-  }();
-  if (forced == 4) return run_octet_shape<In, 4>(p, stream);
-  if (forced == 2) return run_octet_shape<In, 2>(p, stream);
-  return run_octet_shape<In, 1>(p, stream);
+moekit_status run_group_tau(const moekit_gating_params &p, moekit_stream stream) {
+  return run_group_tau_shape<In, kGroupTauLanesPerGroup>(p, stream);
 }
 
 }  // namespace gating
