@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/warp.cuh"
@@ -82,6 +83,10 @@ __global__ void __launch_bounds__(kRankWarps * 32)
   for (int e = lane; e < num_local; e += 32) p.chunk_counts[(int64_t)e * n_chunks + chunk] = count[e];
 }
 
+// A lane's share of one expert's chunk counts, held in registers: every load is issued before the
+// scan needs any (a loop of load-then-shuffle waited a memory latency per 32 chunks).
+constexpr int kScanPerLane = MOEKIT_PLAN_TARGET_CHUNKS / 32;
+
 __global__ void __launch_bounds__(kScanWarps * 32)
     scan_kernel(const moekit_plan_params p, const int num_local, const int n_chunks) {
   allow_next_grid();
@@ -90,15 +95,23 @@ __global__ void __launch_bounds__(kScanWarps * 32)
   const int e = blockIdx.x * kScanWarps + (threadIdx.x >> 5);
   if (e >= num_local) return;
   int *counts = p.chunk_counts + (int64_t)e * n_chunks;
-  int carry = 0;
-  for (int c0 = 0; c0 < n_chunks; c0 += 32) {
-    const int c = c0 + lane;
-    const int v = c < n_chunks ? counts[c] : 0;
-    const int inclusive = warp_inclusive_scan(v, lane);
-    if (c < n_chunks) counts[c] = carry + inclusive - v;  // first rank of this chunk's rows
-    carry += __shfl_sync(kFullMask, inclusive, 31);
+  const int per = (n_chunks + 31) / 32;  // lane l owns chunks [l * per, (l + 1) * per)
+  const int first = lane * per;
+  int v[kScanPerLane];
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < kScanPerLane; ++i) {
+    v[i] = i < per && first + i < n_chunks ? counts[first + i] : 0;
+    sum += v[i];
   }
-  if (lane == 0) p.expert_counts[e] = carry;
+  const int inclusive = warp_inclusive_scan(sum, lane);
+  int running = inclusive - sum;
+#pragma unroll
+  for (int i = 0; i < kScanPerLane; ++i) {
+    if (i < per && first + i < n_chunks) counts[first + i] = running;  // first rank of this chunk's rows
+    running += v[i];
+  }
+  if (lane == 31) p.expert_counts[e] = inclusive;
 }
 
 using BlockScan = cub::BlockScan<int, kPlaceThreads>;
@@ -194,10 +207,21 @@ __global__ void __launch_bounds__(kPlaceThreads)
 }  // namespace plan
 }  // namespace moekit
 
+namespace {
+// EXPERIMENT: MOEKIT_PLAN_TARGET (chunks aimed for, <= MOEKIT_PLAN_TARGET_CHUNKS) and
+// MOEKIT_PLAN_MIN (smallest chunk, a multiple of 32).
+int64_t plan_env(const char *name, int64_t fallback) {
+  const char *v = getenv(name);
+  return v != nullptr ? atoll(v) : fallback;
+}
+}  // namespace
+
 extern "C" int64_t moekit_plan_chunk(int64_t assignments) {
-  int64_t c = (assignments + MOEKIT_PLAN_TARGET_CHUNKS - 1) / MOEKIT_PLAN_TARGET_CHUNKS;
+  static const int64_t target = std::min<int64_t>(plan_env("MOEKIT_PLAN_TARGET", 128), MOEKIT_PLAN_TARGET_CHUNKS);
+  static const int64_t min_chunk = std::max<int64_t>(32, plan_env("MOEKIT_PLAN_MIN", 256) / 32 * 32);
+  int64_t c = (assignments + target - 1) / target;
   c = (c + 31) / 32 * 32;
-  return c < MOEKIT_PLAN_CHUNK_MIN ? MOEKIT_PLAN_CHUNK_MIN : c;
+  return c < min_chunk ? min_chunk : c;
 }
 
 extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit_stream stream) {

@@ -7,10 +7,10 @@
 
 #include "common.h"
 
-/* Assignments (token, slot) ranked per warp in one chunk of the plan's first kernel. */
-#define MOEKIT_PLAN_CHUNK_MIN 256
-/* The plan aims for at most this many chunks, so that the per-expert scan over chunks is short. */
-#define MOEKIT_PLAN_TARGET_CHUNKS 128
+/* Assignments (token, slot) ranked per warp in one chunk of the plan's first kernel: at least this many. */
+#define MOEKIT_PLAN_CHUNK_MIN 32
+/* A plan never has more chunks than this (the chunk_counts and invalid_ids workspaces are sized by it). */
+#define MOEKIT_PLAN_TARGET_CHUNKS 1024
 
 typedef struct moekit_plan_params {
   const int32_t *topk_ids;    /* [tokens, top_k] expert ids in [0, num_experts) */
