@@ -8,9 +8,9 @@
 #include "common.h"
 
 /* Assignments (token, slot) ranked per warp in one chunk of the plan's first kernel: at least this many. */
-#define MOEKIT_PLAN_CHUNK_MIN 32
-/* A plan never has more chunks than this (the chunk_counts and invalid_ids workspaces are sized by it). */
-#define MOEKIT_PLAN_TARGET_CHUNKS 1024
+#define MOEKIT_PLAN_CHUNK_MIN 128
+/* A plan has at most this many chunks (the chunk_counts and invalid_ids workspaces are sized by it). */
+#define MOEKIT_PLAN_TARGET_CHUNKS 256
 
 typedef struct moekit_plan_params {
   const int32_t *topk_ids;    /* [tokens, top_k] expert ids in [0, num_experts) */
