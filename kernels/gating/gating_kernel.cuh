@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/convert.cuh"
 #include "device/launch.cuh"
@@ -51,6 +52,8 @@ struct Shape {
   int vector_rows;   // rows and biases start V-aligned: 16-byte loads
   int group_lanes;   // > 0: register group path, lanes per group; 0: shared-memory path or no groups
   int grouped;       // group-limited selection applies
+  int rank_select;   // filtered candidates ranked by a loop over them instead of k redux rounds
+  int skip_softmax_stats;  // softmax scores renormalized over the chosen: the row's sum cancels
 };
 
 // Maps a float to a u32 whose unsigned order is the float order, with -0 == +0. NaN never reaches
@@ -260,7 +263,7 @@ constexpr int kMaxCandidates = 64;  // 2 per lane
 // kMaxCandidates keys reach tau; the caller then runs select_topk_all_slots.
 template <int S, int V>
 __device__ __forceinline__ bool select_topk_filtered(const uint32_t (&key)[S], int k, int lane, uint32_t *cand_key,
-                                                     uint32_t *cand_expert, int &my_id) {
+                                                     uint32_t *cand_expert, int &my_id, bool rank_select) {
   uint32_t lane_max = key[0];
 #pragma unroll
   for (int s = 1; s < S; ++s) lane_max = max(lane_max, key[s]);
@@ -295,6 +298,23 @@ __device__ __forceinline__ bool select_topk_filtered(const uint32_t (&key)[S], i
   uint32_t k1 = lane + 32 < total ? cand_key[lane + 32] : 0u;
   const uint32_t e0 = lane < total ? cand_expert[lane] : 0xffffffffu;
   const uint32_t e1 = lane + 32 < total ? cand_expert[lane + 32] : 0xffffffffu;
+  if (rank_select) {
+    // Each candidate's rank = the candidates with a larger key, or an equal key and a lower expert:
+    // independent loads and compares, no warp-wide reduction in the chain.
+    int r0 = 0, r1 = 0;
+    for (int d = 0; d < total; ++d) {
+      const uint32_t kd = cand_key[d];
+      const uint32_t ed = cand_expert[d];
+      r0 += (int)(kd > k0) | ((int)(kd == k0) & (int)(ed < e0));
+      r1 += (int)(kd > k1) | ((int)(kd == k1) & (int)(ed < e1));
+    }
+    __syncwarp();  // every lane has read the candidates before slot r's expert overwrites them
+    if (lane < total && r0 < k) cand_expert[r0] = e0;
+    if (lane + 32 < total && r1 < k) cand_expert[r1] = e1;
+    __syncwarp();
+    if (lane < k) my_id = (int)cand_expert[lane];
+    return true;
+  }
   __syncwarp();  // the buffers are reused by the next row of this warp only after every lane read
   for (int j = 0; j < k; ++j) {
     const uint32_t m = __reduce_max_sync(kFullMask, max(k0, k1));
@@ -349,7 +369,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   // 2. Softmax statistics over all E logits (only for the softmax score). The row maximum is a
   // 32-bit integer max of ordered keys: one redux.sync.
   float row_max = -INFINITY, row_inv = 0.0f;
-  if (p.score_func == MOEKIT_SCORE_SOFTMAX) {
+  if (p.score_func == MOEKIT_SCORE_SOFTMAX && !shape.skip_softmax_stats) {
     uint32_t m = 0;
 #pragma unroll
     for (int s = 0; s < S; ++s) m = max(m, order_key(__uint_as_float(key[s])));
@@ -407,7 +427,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   // E > 2048 (S = 128) skips the filter: with it the 128-slot kernel spilled (4 bytes), and no
   // production model comes near that many experts.
   int my_id = 0;
-  if (S == 128 || !select_topk_filtered<S, V>(key, p.top_k, lane, cand_smem[warp][0], cand_smem[warp][1], my_id)) {
+  if (S == 128 || !select_topk_filtered<S, V>(key, p.top_k, lane, cand_smem[warp][0], cand_smem[warp][1], my_id, shape.rank_select)) {
     my_id = select_topk_all_slots<S, V>(key, p.top_k, lane);
   }
 
@@ -420,7 +440,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
     xl = no_nan(xl);
   }
   float w;
-  if (p.weight_source == MOEKIT_WEIGHTS_SOFTMAX_CHOSEN) {
+  if (p.weight_source == MOEKIT_WEIGHTS_SOFTMAX_CHOSEN || shape.skip_softmax_stats) {
     const float m = key_value(__reduce_max_sync(kFullMask, order_key(xl)));
     const float num = (active && m != -INFINITY) ? softmax_numerator(xl, m) : 0.0f;
     const float total = warp_sum(num);
@@ -454,6 +474,14 @@ moekit_status run(const moekit_gating_params &p, moekit_stream stream) {
   shape.vector_rows = p.num_experts % V == 0 && aligned(p.logits, V * sizeof(In)) &&
                       (p.router_bias == nullptr || aligned(p.router_bias, bias_align)) &&
                       (p.correction_bias == nullptr || aligned(p.correction_bias, bias_align));
+  // EXPERIMENT: MOEKIT_GATING_RANK=1, MOEKIT_GATING_SKIPSTATS=1.
+  static const int env_rank = getenv("MOEKIT_GATING_RANK") != nullptr ? atoi(getenv("MOEKIT_GATING_RANK")) : 0;
+  static const int env_skip = getenv("MOEKIT_GATING_SKIPSTATS") != nullptr ? atoi(getenv("MOEKIT_GATING_SKIPSTATS")) : 0;
+  shape.rank_select = env_rank;
+  // Softmax over the chosen logits equals the chosen softmax scores renormalized (the row's sum
+  // cancels; the 1e-20 of the renormalization is negligible next to the top score's >= 1/E).
+  shape.skip_softmax_stats = env_skip && p.score_func == MOEKIT_SCORE_SOFTMAX && p.weight_source == MOEKIT_WEIGHTS_SCORES &&
+                             p.renormalize && shape.key_mode == kKeyLogit && !shape.grouped;
   shape.group_lanes = 0;
   if (shape.grouped) {
     const int G = p.num_experts / p.n_group;
