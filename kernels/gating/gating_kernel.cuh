@@ -11,8 +11,9 @@
 // equal maxima: exact, deterministic, ties to the lower index. The rounds run over a filtered set:
 // tau = the k-th largest lane maximum bounds the k-th largest key from below, so every key >= tau
 // is a candidate and the top k are among them; the (usually 8..20) candidates are compacted into
-// shared memory, 2 per lane, and the k rounds cost ~12 instructions instead of ~5*S. Rows with more
-// than 64 candidates (many ties) take the unfiltered rounds.
+// shared memory, 2 per lane, and each one's rank (larger key first, ties to the lower expert) is
+// counted by a loop over the candidates; a few shapes keep k redux rounds over them instead
+// (Shape::rank_select). Rows with more than 64 candidates (many ties) take the unfiltered rounds.
 // Measured (H200, DeepSeek-V3 rule, T = 16384, ncu): v1 (64-bit shuffle rounds) 3 ns/row;
 // v2 (redux rounds over all slots) 1111 instructions/row, 28.4 us.
 //
@@ -25,7 +26,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/convert.cuh"
 #include "device/launch.cuh"
@@ -474,13 +474,17 @@ moekit_status run(const moekit_gating_params &p, moekit_stream stream) {
   shape.vector_rows = p.num_experts % V == 0 && aligned(p.logits, V * sizeof(In)) &&
                       (p.router_bias == nullptr || aligned(p.router_bias, bias_align)) &&
                       (p.correction_bias == nullptr || aligned(p.correction_bias, bias_align));
-  // EXPERIMENT: MOEKIT_GATING_RANK=1, MOEKIT_GATING_SKIPSTATS=1.
-  static const int env_rank = getenv("MOEKIT_GATING_RANK") != nullptr ? atoi(getenv("MOEKIT_GATING_RANK")) : 0;
-  static const int env_skip = getenv("MOEKIT_GATING_SKIPSTATS") != nullptr ? atoi(getenv("MOEKIT_GATING_SKIPSTATS")) : 0;
-  shape.rank_select = env_rank;
-  // Softmax over the chosen logits equals the chosen softmax scores renormalized (the row's sum
-  // cancels; the 1e-20 of the renormalization is negligible next to the top score's >= 1/E).
-  shape.skip_softmax_stats = env_skip && p.score_func == MOEKIT_SCORE_SOFTMAX && p.weight_source == MOEKIT_WEIGHTS_SCORES &&
+  // Ranking the filtered candidates by a loop over them (no warp reduction in the chain) against
+  // k rounds of two redux.sync each. H200, f32, T = 4096, rounds -> ranks with the softmax
+  // statistics skipped as well (run 21): Qwen3 8.42 -> 7.87 us, DeepSeek-V3 softmax T = 16384
+  // 22.3 -> 19.9, E = 1024 k = 8 18.0 -> 15.6, E = 2048 k = 16 34.8 -> 28.8; only E = 64 k = 16
+  // was slower (10.0 -> 10.5), so rows of <= 128 experts choosing more than 8 keep the rounds.
+  shape.rank_select = !(p.num_experts <= 128 && p.top_k > 8);
+  // Softmax scores renormalized over the chosen experts equal a softmax over the chosen logits:
+  // the row's sum cancels, and the renormalization's 1e-20 is negligible next to the chosen sum,
+  // which holds the row's top score (>= 1/E) when no group limit applies. Skipping the row's
+  // exp-and-sum saved 2-7% (E = 1024: 16.0 -> 14.0 us).
+  shape.skip_softmax_stats = p.score_func == MOEKIT_SCORE_SOFTMAX && p.weight_source == MOEKIT_WEIGHTS_SCORES &&
                              p.renormalize && shape.key_mode == kKeyLogit && !shape.grouped;
   shape.group_lanes = 0;
   if (shape.grouped) {
