@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
   constexpr int kKeys = S::kKeys;
   // + kRowLanes: a dummy slot per lane that the compaction's non-candidates write to (no branch per
   // key; one slot per lane, so racecheck sees no two lanes writing the same word).
-  __shared__ float cand_key[S::kRowsPerBlock][kGroupTauCap + S::kRowLanes];
-  __shared__ int cand_expert[S::kRowsPerBlock][kGroupTauCap + S::kRowLanes];
+  // (key, expert) pairs: one 8-byte store per key in the compaction.
+  __shared__ float2 cand[S::kRowsPerBlock][kGroupTauCap + S::kRowLanes];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int r = lane % S::kRowLanes;  // this lane's place in its row
@@ -123,11 +123,13 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
     t1 = fmaxf(t1, u1);
   }
   const float group_score = no_nan(t1 + t2);
+  // Group g ^ d sits kLanesPerGroup * d lanes away (xor stays inside the row): no lane index
+  // arithmetic per shuffle.
   int group_rank = 0;
 #pragma unroll
   for (int d = 1; d < 8; ++d) {
-    const int other = (g + d) & 7;
-    const float s = __shfl_sync(kFullMask, group_score, row_base + other * kLanesPerGroup);
+    const int other = g ^ d;
+    const float s = __shfl_xor_sync(kFullMask, group_score, d * kLanesPerGroup);
     group_rank += (int)(s > group_score) | ((int)(s == group_score) & (int)(other < g));
   }
   // A row past the end keeps no group: no candidates, nothing chosen.
@@ -149,8 +151,7 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
 
   if (!__any_sync(kFullMask, total > kGroupTauCap)) {  // (rows past the end have no candidates)
     // 4. Rank the candidates.
-    float *ck = cand_key[local_row];
-    int *ce = cand_expert[local_row];
+    float2 *c = cand[local_row];
     // Branch-free: every key is stored, a non-candidate to the dummy slot (a branch per key was
     // ~16 instructions per key in the SASS).
     int at = upto - mine;
@@ -158,8 +159,7 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
     for (int i = 0; i < kKeys; ++i) {
       const bool candidate = kept && key[i] >= tau;
       const int slot = candidate ? at : kGroupTauCap + r;
-      ck[slot] = key[i];
-      ce[slot] = first_expert + i;
+      c[slot] = make_float2(key[i], __int_as_float(first_expert + i));
       at += candidate ? 1 : 0;
     }
     __syncwarp();
@@ -169,13 +169,15 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
       const int j = r + S::kRowLanes * m;
-      my_key[m] = j < total ? ck[j] : -INFINITY;
-      my_expert[m] = j < total ? ce[j] : 0x7fffffff;
+      const float2 cj = j < total ? c[j] : make_float2(-INFINITY, __int_as_float(0x7fffffff));
+      my_key[m] = cj.x;
+      my_expert[m] = __float_as_int(cj.y);
       my_rank[m] = 0;
     }
     for (int d = 0; d < total; ++d) {
-      const float kd = ck[d];
-      const int ed = ce[d];
+      const float2 cd = c[d];
+      const float kd = cd.x;
+      const int ed = __float_as_int(cd.y);
 #pragma unroll
       for (int m = 0; m < kPerLane; ++m) {
         // Bitwise, not ||: short-circuit evaluation became a branch per comparison.
@@ -192,14 +194,15 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
       w_sum_part += w[m];
     }
     const float w_sum = row_reduce<S::kRowLanes>(w_sum_part, [](float a, float b) { return a + b; });
+    // One approximate reciprocal per row (1 ulp) instead of an IEEE division per weight (~10
+    // instructions with its slow-path check); the tests hold weights to 1e-5.
+    const float w_scale = (p.renormalize ? fast_rcp(w_sum + 1e-20f) : 1.0f) * p.routed_scaling_factor;
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
       const bool chosen = r + S::kRowLanes * m < total && my_rank[m] < k;
       if (chosen && live_row) {
-        float v = p.renormalize ? w[m] / (w_sum + 1e-20f) : w[m];
-        v *= p.routed_scaling_factor;
         p.topk_ids[row * k + my_rank[m]] = my_expert[m];
-        p.topk_weights[row * k + my_rank[m]] = v;
+        p.topk_weights[row * k + my_rank[m]] = w[m] * w_scale;
         if (p.expert_counts != nullptr) atomicAdd(p.expert_counts + my_expert[m], 1);
       }
     }
