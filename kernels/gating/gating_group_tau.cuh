@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
       w_sum_part += w[m];
     }
     const float w_sum = row_reduce<S::kRowLanes>(w_sum_part, [](float a, float b) { return a + b; });
-    // One approximate reciprocal per row (1 ulp) instead of an IEEE division per weight (~10
-    // instructions with its slow-path check); the tests hold weights to 1e-5.
+    // One approximate reciprocal per row (1 ulp) instead of an IEEE division per weight: its check
+    // sends the zero weights of unchosen lanes to a ~100-instruction slow path (gating_kernel.cuh).
     const float w_scale = (p.renormalize ? fast_rcp(w_sum + 1e-20f) : 1.0f) * p.routed_scaling_factor;
 #pragma unroll
     for (int m = 0; m < kPerLane; ++m) {
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
     const float w = active ? sigmoid(no_nan(Dtype<In>::to_f32(logits[my_pick]))) : 0.0f;
     const float w_sum = row_reduce<S::kRowLanes>(w, [](float a, float b) { return a + b; });
     if (active) {
-      float v = p.renormalize ? w / (w_sum + 1e-20f) : w;
+      float v = p.renormalize ? w * fast_rcp(w_sum + 1e-20f) : w;
       v *= p.routed_scaling_factor;
       p.topk_ids[row * k + r] = my_pick;
       p.topk_weights[row * k + r] = v;

@@ -444,14 +444,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
     const float m = key_value(__reduce_max_sync(kFullMask, order_key(xl)));
     const float num = (active && m != -INFINITY) ? softmax_numerator(xl, m) : 0.0f;
     const float total = warp_sum(num);
-    w = total > 0.0f ? num / total : 0.0f;
+    w = total > 0.0f ? num * fast_rcp(total) : 0.0f;
   } else if (p.weight_source == MOEKIT_WEIGHTS_SIGMOID_CHOSEN) {
     w = sigmoid(xl);
   } else {
     w = score_of(xl, p.score_func, row_max, row_inv);
   }
   if (!active) w = 0.0f;
-  if (p.renormalize) w = w / (warp_sum(w) + 1e-20f);
+  // Multiplying by an approximate reciprocal (1 ulp) instead of dividing: the IEEE division's
+  // check sends a zero dividend (every lane past k) to its ~100-instruction slow path, and ncu
+  // (run 21) counted that call once per row.
+  if (p.renormalize) w *= fast_rcp(warp_sum(w) + 1e-20f);
   w *= p.routed_scaling_factor;
   if (active) {
     p.topk_ids[row * p.top_k + lane] = my_id;
