@@ -174,19 +174,25 @@ __global__ void __launch_bounds__(kPlaceThreads)
   int *count = place_smem;                // [num_local]
   int *offsets = place_smem + num_local;  // [num_local + 1]
   __shared__ BlockScan::TempStorage tmp;
+  const int64_t stride = (int64_t)gridDim.x * kPlaceThreads;
+  const int64_t tid = (int64_t)blockIdx.x * kPlaceThreads + threadIdx.x;
+  // The ids were written before the rank kernel started (a plain stream dependency), so this
+  // thread's first id is read before waiting for the scan, and its first rank (the rank kernel's,
+  // complete once the scan is) right after: both latencies overlap the offsets' scan.
+  const int first_id = tid < n_assign ? __ldg(p.topk_ids + tid) : 0;
   wait_for_previous_grid();  // the scan kernel's expert counts and chunk starts
+  const int first_rank = tid < n_assign ? p.assignment_rank[tid] : 0;
   padded_offsets(p, num_local, count, offsets, tmp);
   if (blockIdx.x == 0) write_offsets_and_tiles(p, num_local, count, offsets, tmp);
 
-  const int64_t stride = (int64_t)gridDim.x * kPlaceThreads;
-  const int64_t tid = (int64_t)blockIdx.x * kPlaceThreads + threadIdx.x;
   for (int64_t a = tid; a < n_assign; a += stride) {
-    const int id = __ldg(p.topk_ids + a);
+    const bool first = a == tid;
+    const int id = first ? first_id : __ldg(p.topk_ids + a);
     int row = -1;
     if (id >= p.expert_begin && id < p.expert_end && id < p.num_experts) {
       const int e = id - p.expert_begin;
       const int chunk = (int)(a / p.chunk);
-      row = offsets[e] + p.chunk_counts[(int64_t)e * n_chunks + chunk] + p.assignment_rank[a];
+      row = offsets[e] + p.chunk_counts[(int64_t)e * n_chunks + chunk] + (first ? first_rank : p.assignment_rank[a]);
       p.row_map[row] = (int)a;
     }
     p.inverse_map[a] = row;
