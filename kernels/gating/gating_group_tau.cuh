@@ -238,15 +238,6 @@ __global__ void __launch_bounds__(kGroupTauWarps * 32) topk_gating_group_tau_ker
   }
 }
 
-template <typename In, int kLanesPerGroup>
-moekit_status run_group_tau_shape(const moekit_gating_params &p, moekit_stream stream) {
-  constexpr int kRows = GroupTauShape<kLanesPerGroup>::kRowsPerBlock;
-  const int64_t blocks = ceil_div(p.tokens, kRows);
-  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  topk_gating_group_tau_kernel<In, kLanesPerGroup><<<(unsigned)blocks, kGroupTauWarps * 32, 0, stream>>>(p);
-  return last_launch_status();
-}
-
 // Lanes per 32-expert group. H200, DeepSeek-V3 f32 logits, event-timed medians (run 21; the empty
 // kernel is 3.4 us):
 //   lanes per group        1      2      4
@@ -261,7 +252,11 @@ constexpr int kGroupTauLanesPerGroup = 4;
 
 template <typename In>
 moekit_status run_group_tau(const moekit_gating_params &p, moekit_stream stream) {
-  return run_group_tau_shape<In, kGroupTauLanesPerGroup>(p, stream);
+  constexpr int kRows = GroupTauShape<kGroupTauLanesPerGroup>::kRowsPerBlock;
+  const int64_t blocks = ceil_div(p.tokens, kRows);
+  if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  topk_gating_group_tau_kernel<In, kGroupTauLanesPerGroup><<<(unsigned)blocks, kGroupTauWarps * 32, 0, stream>>>(p);
+  return last_launch_status();
 }
 
 }  // namespace gating
