@@ -440,7 +440,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
     xl = no_nan(xl);
   }
   float w;
-  if (p.weight_source == MOEKIT_WEIGHTS_SOFTMAX_CHOSEN || shape.skip_softmax_stats) {
+  // A softmax over the chosen already sums to 1 (or is all 0): renormalizing it again would cost a
+  // warp sum and a reciprocal per row to move each weight by an ulp at most.
+  const bool softmax_over_chosen = p.weight_source == MOEKIT_WEIGHTS_SOFTMAX_CHOSEN || shape.skip_softmax_stats;
+  if (softmax_over_chosen) {
     const float m = key_value(__reduce_max_sync(kFullMask, order_key(xl)));
     const float num = (active && m != -INFINITY) ? softmax_numerator(xl, m) : 0.0f;
     const float total = warp_sum(num);
@@ -454,7 +457,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, S <= 32 ? 4 : 1)
   // Multiplying by an approximate reciprocal (1 ulp) instead of dividing: the IEEE division's
   // check sends a zero dividend (every lane past k) to its ~100-instruction slow path, and ncu
   // (run 21) counted that call once per row.
-  if (p.renormalize) w *= fast_rcp(warp_sum(w) + 1e-20f);
+  if (p.renormalize && !softmax_over_chosen) w *= fast_rcp(warp_sum(w) + 1e-20f);
   w *= p.routed_scaling_factor;
   if (active) {
     p.topk_ids[row * p.top_k + lane] = my_id;
