@@ -186,8 +186,8 @@ pub struct RoutingPlan {
     chunk_counts: CudaSlice<i32>,
     assignment_rank: CudaSlice<i32>,
     invalid_ids: CudaSlice<i32>,
-    /// Arrival count and generation of the one-launch plan's grid barrier: zero at allocation,
-    /// zero-count again after every build.
+    /// The one-launch plan's grid-barrier word: zero at allocation; every build leaves its low 31
+    /// bits zero again.
     grid_barrier: CudaSlice<u32>,
     /// Scratch of the grouped GEMM: the counter its CTAs claim tiles from.
     pub(crate) gemm_tile_counter: CudaSlice<i32>,
@@ -221,7 +221,7 @@ impl RoutingPlan {
             assignment_rank: alloc(cfg.max_tokens * cfg.top_k)?,
             invalid_ids: alloc(cfg.chunks())?,
             grid_barrier: stream
-                .alloc_zeros::<u32>(2)
+                .alloc_zeros::<u32>(1)
                 .during("allocating the routing plan")?,
             gemm_tile_counter: alloc(1)?,
             gemm_partials: stream
@@ -301,8 +301,8 @@ impl RoutingPlan {
         };
         // SAFETY: the plan's buffers were allocated from `cfg` with the sizes the header documents
         // (num_local, num_local + 1, max_rows, max_tokens*top_k, 2*max_tiles, 1,
-        // num_local*MOEKIT_PLAN_TARGET_CHUNKS, max_tokens*top_k, MOEKIT_PLAN_TARGET_CHUNKS, 2; the
-        // barrier words are zero-count between builds, which stream order serializes), and
+        // num_local*MOEKIT_PLAN_TARGET_CHUNKS, max_tokens*top_k, MOEKIT_PLAN_TARGET_CHUNKS, 1; the
+        // barrier word is ready between builds, which stream order serializes), and
         // `chunk` comes from moekit_plan_chunk, so at most MOEKIT_PLAN_TARGET_CHUNKS chunks exist;
         // topk_ids holds tokens*top_k ids; the guards keep everything alive until enqueued.
         let status = unsafe { ffi::moekit_routing_plan(&params, raw_stream(stream)) };

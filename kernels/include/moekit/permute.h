@@ -35,7 +35,7 @@ typedef struct moekit_plan_params {
   int32_t *chunk_counts;      /* [num_local][num_chunks] */
   int32_t *assignment_rank;   /* [tokens*top_k] rank of an assignment among its chunk's rows of its expert */
   int32_t *invalid_ids;       /* [num_chunks] ids outside [0, num_experts) seen by each chunk */
-  uint32_t *grid_barrier;     /* [2] zero before the first build, kept by every build (the one-launch plan's barrier) */
+  uint32_t *grid_barrier;     /* [1] zero before the first build; the one-launch plan's barrier word, which every build leaves as it needs it */
 } moekit_plan_params;
 MOEKIT_STATIC_ASSERT(sizeof(moekit_plan_params) == 144, "moekit_plan_params layout");
 
