@@ -252,10 +252,15 @@ static moekit_status launch_plan_grid(const moekit_plan_params &p, int64_t n_ass
     return MOEKIT_ERR_UNSUPPORTED;
   }
   const int max_ctas = std::min(sm_count(), MOEKIT_PLAN_TARGET_CHUNKS);  // one CTA per SM at most
-  // The fewest assignments per lane that keep the grid within one CTA per SM: more CTAs load,
-  // rank and place in parallel.
+  // The fewest assignments per lane that keep the grid at <= 32 CTAs: more CTAs load, rank and
+  // place in parallel, but every CTA reads every CTA's totals after the barrier. H200, us (run 22;
+  // assignments per lane 1 / 2 / 4, three kernels):
+  //   DeepSeek-V3 T = 128      8.24 /  9.02 /  9.07   (9.79)
+  //   DeepSeek-V3 T = 4096    11.49 / 10.99 / 12.16  (12.42)   32768 assignments
+  //   DeepSeek-V3 T = 16384       - / 18.24 / 16.16  (18.46)   131072
+  //   Mixtral     T = 16384   10.40 /  9.34 /  9.28   (9.50)   32768
   int per_lane = forced > 0 ? forced : 1;
-  while (forced <= 0 && per_lane < kGridMaxPerLane && ceil_div(n_assign, (int64_t)kGridThreads * per_lane) > max_ctas) {
+  while (forced <= 0 && per_lane < kGridMaxPerLane && ceil_div(n_assign, (int64_t)kGridThreads * per_lane) > 32) {
     per_lane *= 2;
   }
   if (per_lane > kGridMaxPerLane) return MOEKIT_ERR_UNSUPPORTED;
