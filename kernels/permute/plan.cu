@@ -1,5 +1,7 @@
 // Routing plan: a stable counting sort of the T*k assignments (token, slot) by expert, entirely on
-// the device, in three short kernels and no host synchronization.
+// the device, with no host synchronization. Up to 2048 assignments per SM and 512 local experts,
+// one cooperative launch does it all (plan_grid.cuh, the same three steps around a grid barrier);
+// otherwise three short kernels:
 //
 //   1. rank:   one warp per chunk of assignments walks its chunk in order and ranks each assignment
 //              among the chunk's earlier assignments of the same expert (__match_any_sync), giving
