@@ -122,13 +122,13 @@ __global__ void __launch_bounds__(kGridThreads)
   if (t < num_local) {
     int base = 0;
     const int *column = p.chunk_counts + t;
-    // 16 loads in flight: one L2 latency per 16 CTAs.
-    for (int c0 = 0; c0 < n_ctas; c0 += 16) {
-      int v[16];
+    // 32 loads in flight: one L2 latency for the grids of <= 32 CTAs the launcher prefers.
+    for (int c0 = 0; c0 < n_ctas; c0 += 32) {
+      int v[32];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] = c0 + i < n_ctas ? __ldcg(column + (int64_t)(c0 + i) * num_local) : 0;
+      for (int i = 0; i < 32; ++i) v[i] = c0 + i < n_ctas ? __ldcg(column + (int64_t)(c0 + i) * num_local) : 0;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < 32; ++i) {
         base += c0 + i < cta ? v[i] : 0;
         count += v[i];
       }
