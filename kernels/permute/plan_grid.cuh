@@ -117,7 +117,10 @@ __global__ void __launch_bounds__(kGridThreads)
   // 2. Every CTA's totals published.
   grid_barrier(barrier_word, (unsigned)n_ctas);
 
-  // 3. Bases and totals (L2 reads: other CTAs wrote them during this kernel), then offsets.
+  // 3. Bases and totals (L2 reads: other CTAs wrote them during this kernel), then offsets. CTA 0
+  // also loads the CTAs' invalid-id counts now and sums them after placing its rows, off the
+  // critical path (summed before placing, they delayed the kernel's end by an L2 round trip).
+  const int cta_invalid = cta == 0 && t < n_ctas ? __ldcg(p.invalid_ids + t) : 0;  // n_ctas <= kGridThreads
   int count = 0;
   if (t < num_local) {
     int base = 0;
@@ -157,14 +160,6 @@ __global__ void __launch_bounds__(kGridThreads)
       p.expert_offsets[num_local] = padded_total;
       *p.num_tiles = total_tiles;
     }
-    // The CTAs' invalid-id counts, summed in parallel (a serial loop over them waited an L2
-    // latency per CTA: +9 us at 64 CTAs, run 22).
-    int v = t < n_ctas ? __ldcg(p.invalid_ids + t) : 0;  // n_ctas <= MOEKIT_PLAN_TARGET_CHUNKS < kGridThreads
-    v = __reduce_add_sync(kFullMask, v);
-    if (lane == 0 && v > 0) atomicAdd(&invalid_total, v);
-    __syncthreads();  // every count read and summed before entry 0 is written and the rest cleared
-    if (t == 0) p.invalid_ids[0] = invalid_total;
-    for (int c = 1 + t; c < host_chunks; c += kGridThreads) p.invalid_ids[c] = 0;
   }
 #pragma unroll
   for (int b = 0; b < kGridMaxPerLane; ++b) {
@@ -191,6 +186,13 @@ __global__ void __launch_bounds__(kGridThreads)
     }
   }
   for (int64_t r = offsets[num_local] + gtid; r < p.max_rows; r += stride) p.row_map[r] = -1;
+  if (cta == 0) {
+    const int v = __reduce_add_sync(kFullMask, cta_invalid);
+    if (lane == 0 && v > 0) atomicAdd(&invalid_total, v);
+    __syncthreads();  // every count read and summed before entry 0 is written and the rest cleared
+    if (t == 0) p.invalid_ids[0] = invalid_total;
+    for (int c = 1 + t; c < host_chunks; c += kGridThreads) p.invalid_ids[c] = 0;
+  }
 }
 
 }  // namespace plan
