@@ -186,6 +186,9 @@ pub struct RoutingPlan {
     chunk_counts: CudaSlice<i32>,
     assignment_rank: CudaSlice<i32>,
     invalid_ids: CudaSlice<i32>,
+    /// The one-launch plan's grid-barrier word: zero at allocation; every build leaves its low 31
+    /// bits zero again.
+    grid_barrier: CudaSlice<u32>,
     /// Scratch of the grouped GEMM: the counter its CTAs claim tiles from.
     pub(crate) gemm_tile_counter: CudaSlice<i32>,
     /// Scratch of the grouped GEMM's split-K partial sums (one-expert plans only, such as the
@@ -217,6 +220,9 @@ impl RoutingPlan {
             chunk_counts: alloc(cfg.num_local() * cfg.chunks())?,
             assignment_rank: alloc(cfg.max_tokens * cfg.top_k)?,
             invalid_ids: alloc(cfg.chunks())?,
+            grid_barrier: stream
+                .alloc_zeros::<u32>(1)
+                .during("allocating the routing plan")?,
             gemm_tile_counter: alloc(1)?,
             gemm_partials: stream
                 .alloc_zeros::<f32>(if cfg.num_local() == 1 {
@@ -269,6 +275,7 @@ impl RoutingPlan {
         let (chunk_counts, _g7) = self.chunk_counts.device_ptr_mut(stream);
         let (rank, _g8) = self.assignment_rank.device_ptr_mut(stream);
         let (invalid, _g9) = self.invalid_ids.device_ptr_mut(stream);
+        let (barrier, _g10) = self.grid_barrier.device_ptr_mut(stream);
         let params = ffi::moekit_plan_params {
             topk_ids: ids as *const i32,
             tokens: tokens as i64,
@@ -290,10 +297,12 @@ impl RoutingPlan {
             chunk_counts: chunk_counts as *mut i32,
             assignment_rank: rank as *mut i32,
             invalid_ids: invalid as *mut i32,
+            grid_barrier: barrier as *mut u32,
         };
         // SAFETY: the plan's buffers were allocated from `cfg` with the sizes the header documents
         // (num_local, num_local + 1, max_rows, max_tokens*top_k, 2*max_tiles, 1,
-        // num_local*MOEKIT_PLAN_TARGET_CHUNKS, max_tokens*top_k, MOEKIT_PLAN_TARGET_CHUNKS), and
+        // num_local*MOEKIT_PLAN_TARGET_CHUNKS, max_tokens*top_k, MOEKIT_PLAN_TARGET_CHUNKS, 1; the
+        // barrier word is ready between builds, which stream order serializes), and
         // `chunk` comes from moekit_plan_chunk, so at most MOEKIT_PLAN_TARGET_CHUNKS chunks exist;
         // topk_ids holds tokens*top_k ids; the guards keep everything alive until enqueued.
         let status = unsafe { ffi::moekit_routing_plan(&params, raw_stream(stream)) };

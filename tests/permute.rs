@@ -31,6 +31,22 @@ fn checked_plan(
     plan.build(s, &d_other.slice(..n), tokens).unwrap();
     let d_ids = upload(s, ids).unwrap();
     plan.build(s, &d_ids.slice(..n), tokens).unwrap();
+    let want = assert_plan_matches(ctx, &plan, ids, tokens, what);
+    (plan, want)
+}
+
+/// Checks every buffer of `plan`, last built from `ids` (`tokens` tokens), against the reference
+/// exactly; returns the reference.
+fn assert_plan_matches(
+    ctx: &Context,
+    plan: &RoutingPlan,
+    ids: &[i32],
+    tokens: usize,
+    what: &str,
+) -> reference::PlanRef {
+    let s = ctx.stream();
+    let cfg = plan.config();
+    let n = tokens * cfg.top_k;
     let want = reference::routing_plan(cfg, ids, tokens);
     assert_eq!(
         s.clone_dtoh(plan.expert_counts()).unwrap(),
@@ -60,7 +76,7 @@ fn checked_plan(
         .map(|c| (c[0], c[1]))
         .collect();
     assert_eq!(tiles, want.tiles, "{what}: tiles");
-    (plan, want)
+    want
 }
 
 #[test]
@@ -111,6 +127,12 @@ fn plan_edge_cases() {
         (1000, 8, 4096, 16, "E=4096"),
         (16384, 8, 256, 1, "T=16384"),
         (65536, 8, 256, 128, "T=65536"),
+        // The one-launch plan takes <= 512 local experts and T*k <= 2048 per SM (270336 on an
+        // H200's 132): both sides of each limit.
+        (2000, 8, 512, 16, "E=512 (one launch)"),
+        (2000, 8, 513, 16, "E=513 (three kernels)"),
+        (33792, 8, 256, 1, "T*k = 270336"),
+        (33793, 8, 256, 1, "T*k = 270344"),
         (777, 6, 160, 8, "E=160 (V2)"),
         (5, 32, 64, 1, "k=32"),
     ];
@@ -128,6 +150,31 @@ fn plan_edge_cases() {
         300,
         "T < max_tokens",
     );
+}
+
+#[test]
+fn plan_rebuilt_for_changing_token_counts() {
+    // One plan rebuilt for batches of different sizes (so different grids for the one-launch
+    // plan, whose barrier state persists between builds, and both plan paths in turn).
+    let Some(ctx) = gpu("plan_rebuilt_for_changing_token_counts") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut r = rng(seed);
+    let s = ctx.stream();
+    let mut plan = RoutingPlan::new(s, PlanConfig::new(40000, 8, 256).align(16)).unwrap();
+    for tokens in [40000, 7, 4096, 1, 16384, 40000, 0, 300] {
+        let ids = routing(&mut r, tokens, 8, 256, Routing::Zipf(1.1));
+        let d_ids = upload(s, &ids).unwrap();
+        plan.build(s, &d_ids.slice(..tokens * 8), tokens).unwrap();
+        assert_plan_matches(
+            &ctx,
+            &plan,
+            &ids,
+            tokens,
+            &format!("T={tokens} seed={seed}"),
+        );
+    }
 }
 
 #[test]

@@ -1,5 +1,7 @@
 // Routing plan: a stable counting sort of the T*k assignments (token, slot) by expert, entirely on
-// the device, in three short kernels and no host synchronization.
+// the device, with no host synchronization. Up to 2048 assignments per SM and 512 local experts,
+// one cooperative launch does it all (plan_grid.cuh, the same three steps around a grid barrier);
+// otherwise three short kernels:
 //
 //   1. rank:   one warp per chunk of assignments walks its chunk in order and ranks each assignment
 //              among the chunk's earlier assignments of the same expert (__match_any_sync), giving
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/warp.cuh"
@@ -212,6 +215,8 @@ __global__ void __launch_bounds__(kPlaceThreads)
 }  // namespace plan
 }  // namespace moekit
 
+#include "plan_grid.cuh"
+
 // Chunks of at least MOEKIT_PLAN_CHUNK_MIN assignments, at most MOEKIT_PLAN_TARGET_CHUNKS of them.
 // Every rank warp clears and writes a counter per local expert and the scan reads num_local *
 // n_chunks counts, so a chunk much shorter than num_local costs more than it ranks. H200, plan
@@ -227,6 +232,70 @@ extern "C" int64_t moekit_plan_chunk(int64_t assignments) {
   return c < MOEKIT_PLAN_CHUNK_MIN ? MOEKIT_PLAN_CHUNK_MIN : c;
 }
 
+namespace moekit {
+namespace plan {
+
+// Assignments per lane of the one-launch plan, or 0 for the three kernels: MOEKIT_PLAN_GRID=0
+// forces the three kernels, 1, 2 or 4 a fixed share per lane (EXPERIMENT, for A/B timing).
+static int forced_per_lane() {
+  static const int v = [] {
+    const char *s = getenv("MOEKIT_PLAN_GRID");
+    return s == nullptr ? -1 : atoi(s);
+  }();
+  return v;
+}
+
+// The whole plan in one cooperative launch (plan_grid.cuh) when it fits: MOEKIT_ERR_UNSUPPORTED
+// when it does not (the caller runs the three kernels).
+static moekit_status launch_plan_grid(const moekit_plan_params &p, int64_t n_assign, int num_local, int n_chunks,
+                                      cudaStream_t stream) {
+  const int forced = forced_per_lane();
+  if (forced == 0 || p.grid_barrier == nullptr || n_assign < 1 || num_local > kGridMaxLocal) {
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
+  const int max_ctas = std::min(sm_count(), MOEKIT_PLAN_TARGET_CHUNKS);  // one CTA per SM at most
+  // The fewest assignments per lane that keep the grid at <= 32 CTAs: more CTAs load, rank and
+  // place in parallel, but every CTA reads every CTA's totals after the barrier. H200, us (run 22;
+  // assignments per lane 1 / 2 / 4, three kernels):
+  //   DeepSeek-V3 T = 128      8.24 /  9.02 /  9.07   (9.79)
+  //   DeepSeek-V3 T = 4096    11.49 / 10.99 / 12.16  (12.42)   32768 assignments
+  //   DeepSeek-V3 T = 16384       - / 18.24 / 16.16  (18.46)   131072
+  //   Mixtral     T = 16384   10.40 /  9.34 /  9.28   (9.50)   32768
+  int per_lane = forced > 0 ? forced : 1;
+  while (forced <= 0 && per_lane < kGridMaxPerLane && ceil_div(n_assign, (int64_t)kGridThreads * per_lane) > 32) {
+    per_lane *= 2;
+  }
+  if (per_lane > kGridMaxPerLane) return MOEKIT_ERR_UNSUPPORTED;
+  const int64_t rank_ctas = ceil_div(n_assign, (int64_t)kGridThreads * per_lane);
+  if (rank_ctas > max_ctas) return MOEKIT_ERR_UNSUPPORTED;
+  // Enough CTAs to clear the padding and unused rows at ~16 rows per thread.
+  const int64_t clear_ctas = ceil_div(p.max_rows - n_assign, (int64_t)kGridThreads * 16);
+  const int ctas = (int)std::max<int64_t>(rank_ctas, std::min<int64_t>(clear_ctas, max_ctas));
+
+  const size_t smem = sizeof(int) * grid_smem_ints(num_local);
+  MOEKIT_TRY(allow_dynamic_smem(plan_grid_kernel, smem));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)ctas);
+  cfg.blockDim = dim3(kGridThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;  // every CTA resident at once: the grid barrier needs it
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, plan_grid_kernel, p, (int)n_assign, num_local, per_lane, n_chunks,
+                                           p.grid_barrier);
+  if (e == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // e.g. an MPS client with fewer SMs: the three kernels instead
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
+  return to_status(e);
+}
+
+}  // namespace plan
+}  // namespace moekit
+
 extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit_stream stream) {
   using namespace moekit;
   using namespace moekit::plan;
@@ -239,6 +308,9 @@ extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
   const int n_chunks = (int)ceil_div(n_assign, p->chunk);
+
+  const moekit_status one_launch = launch_plan_grid(*p, n_assign, num_local, n_chunks, stream);
+  if (one_launch != MOEKIT_ERR_UNSUPPORTED) return one_launch;
 
   if (n_chunks > 0) {
     const size_t smem = sizeof(int) * kRankWarps * (size_t)num_local;

@@ -35,8 +35,9 @@ typedef struct moekit_plan_params {
   int32_t *chunk_counts;      /* [num_local][num_chunks] */
   int32_t *assignment_rank;   /* [tokens*top_k] rank of an assignment among its chunk's rows of its expert */
   int32_t *invalid_ids;       /* [num_chunks] ids outside [0, num_experts) seen by each chunk */
+  uint32_t *grid_barrier;     /* [1] zero before the first build; the one-launch plan's barrier word, which every build leaves as it needs it */
 } moekit_plan_params;
-MOEKIT_STATIC_ASSERT(sizeof(moekit_plan_params) == 136, "moekit_plan_params layout");
+MOEKIT_STATIC_ASSERT(sizeof(moekit_plan_params) == 144, "moekit_plan_params layout");
 
 /* Assignments per chunk for n assignments (a multiple of 32, at least MOEKIT_PLAN_CHUNK_MIN). */
 MOEKIT_EXTERN_C int64_t moekit_plan_chunk(int64_t assignments);
