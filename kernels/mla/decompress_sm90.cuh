@@ -19,11 +19,11 @@
 //                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
 //                    the A tile [128 x 64]; from a paged cache (rows scattered, which one TMA box
 //                    cannot address) all 128 threads gather the A tile with 16-byte cp.async (8
-//                    lanes per token row) into the same 128-byte swizzle TMA uses; with a
-//                    contiguous latent, warps 1..3 (otherwise idle) copy each tile's k_pe to
-//                    K[t, h, 128:128+d_rope];
-//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then (gathered latent
-//                    only) stores the tokens' k_pe and stages its columns in four 64-column boxes
+//                    lanes per token row) into the same 128-byte swizzle TMA uses, and copies
+//                    the same rows' k_pe to K[t, h, 128:128+d_rope]; with a contiguous latent,
+//                    warps 1..3 (otherwise idle) copy each tile's k_pe;
+//   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stages its
+//                    columns in four 64-column boxes
 //                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
 //                    that drains while the next boxes and the next tile's MMAs run.
 //   full[s]  (1 expect_tx arrival [+ 128 cp.async arrivals when gathering] + TMA bytes): the
@@ -53,8 +53,7 @@ constexpr int kBlockK = 64;   // 64 bf16 = 128 bytes: one swizzle row
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kGroupM = 16;
-constexpr int kMaxRope = 64;  // k_pe chunks a consumer thread holds: 64 rows x 8 chunks / 128 threads
-constexpr int kRopeSlots = 64 * (kMaxRope / 8) / 128;
+constexpr int kMaxRope = 64;  // k_pe columns: one 16-byte chunk per copier thread of a row (8 lanes)
 
 // What the device needs besides the W tensor map.
 struct Args {
@@ -315,7 +314,37 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Row 16 j + p / 8 of the 128-byte-swizzled tile: 16-byte chunk c lands at chunk
         // c ^ (r % 8), and r % 8 = (p / 8) % 8 for every j.
         const uint32_t dst_offset = (uint32_t)((p / 8) * (kBlockK * 2) + ((chunk ^ ((p / 8) & 7)) << 4));
+        // k_pe: K[t, h, 128:128+d_rope] = k_pe[source row of t] (zeros for a row without one),
+        // for the same rows 16 j + p / 8 and chunk p % 8 this thread gathers: row j's chunk is
+        // loaded during k-block j and stored during k-block j + 1, so no load latency stalls the
+        // gather. (The consumers did it in their epilogue: in the ncu profile of run 22 the paged
+        // kernel executed 31 M more consumer instructions than the contiguous one, whose producer
+        // already copies k_pe, while this producer waited on empty stages for 17% of its samples.)
+        const bool copies_kpe = chunk < a.d_rope / 8;
+        __nv_bfloat16 *k_rope = a.k + (int64_t)tile.head * a.k_head_stride + kHeadDim + chunk * 8;
+        uint4 kpe_held = make_uint4(0, 0, 0, 0);
+        int kpe_row = -1;  // the tile row kpe_held belongs to, -1: none
+        auto store_kpe = [&]() {
+          if (kpe_row >= 0 && tile.m0 + kpe_row < a.tokens) {
+            *reinterpret_cast<uint4 *>(k_rope + (int64_t)(tile.m0 + kpe_row) * a.k_token_stride) = kpe_held;
+          }
+        };
+        auto load_kpe = [&](int j) {
+          const int row = 16 * j + p / 8;
+          const int src = rows[row];
+          kpe_held = src < 0 ? make_uint4(0, 0, 0, 0)
+                             : __ldg(reinterpret_cast<const uint4 *>(a.k_pe + (int64_t)src * a.k_pe_stride) + chunk);
+          kpe_row = row;
+        };
         for (int kb = 0; kb < k_blocks; ++kb) {
+          if (copies_kpe) {
+            store_kpe();
+            if (kb < kBlockM / 16) {
+              load_kpe(kb);
+            } else {
+              kpe_row = -1;
+            }
+          }
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           if (p == 0) {
             // Published by the arrive below (release), read after the wait (acquire).
@@ -336,6 +365,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             phase ^= 1;
           }
         }
+        if (copies_kpe) {
+          store_kpe();
+          // Ranks under 512 have fewer k-blocks than the tile's 8 row groups.
+          for (int j = k_blocks; j < kBlockM / 16; ++j) {
+            load_kpe(j);
+            store_kpe();
+          }
+        }
       }
     }
   } else {
@@ -345,7 +382,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = tid / 32;
     const int lane = tid % 32;
     uint8_t *bufs = staging + consumer * kStagingBufs * kStagingBytes;
-    const int rope_chunks = a.d_rope / 8;
     int stage = 0;
     uint32_t phase = 0;
     float acc[kBlockN / 2];
@@ -357,13 +393,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row0 = tile.m0 + consumer * 64;
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
-      // The k_pe chunks this thread stores: slot j is row tid/8 + 16j, chunk tid % 8. Loaded
-      // during the MMAs of the third-last k-block and stored first in the epilogue, so they are
-      // live for a short stretch (loaded at the first k-block they spilled, and the loads
-      // stalled the consumer: 4% slower, measured on the H200). Loaded in the last k-block, the
-      // epilogue's k_pe stores waited on them (ncu stall samples); three k-blocks earlier: T = 8192
-      // 494.0 -> 492.1 us, within noise but never slower (BENCHMARKS.md, run 19).
-      uint4 kpe[kRopeSlots];
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         // A gathered A tile arrived through cp.async (generic proxy); the WGMMAs read it through
@@ -379,14 +408,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       sm90::desc_k_major_sw128(b_base + kk * 32), (kb > 0 || kk > 0) ? 1u : 0u);
           }
           sm90::wgmma_commit();
-          if (!kTmaA && kb == (k_blocks > 2 ? k_blocks - 3 : 0)) {  // kTmaA: the producer copies k_pe
-#pragma unroll
-            for (int j = 0; j < kRopeSlots; ++j) {
-              const int64_t src = (tid % 8) < rope_chunks ? source_row(a, row0 + tid / 8 + 16 * j) : -1;
-              kpe[j] = src < 0 ? make_uint4(0, 0, 0, 0)
-                               : __ldg(reinterpret_cast<const uint4 *>(a.k_pe + src * a.k_pe_stride) + tid % 8);
-            }
-          }
           sm90::fence_operands(acc);
           sm90::wgmma_wait<0>();
           sm90::fence_operands(acc);
@@ -399,15 +420,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (!active) continue;
       const int barrier = 2 + consumer;
-      const int64_t k_head = (int64_t)tile.head * a.k_head_stride;
-      if (!kTmaA && (tid % 8) < rope_chunks) {  // K[t, h, 128:128+d_rope] = k_pe[t]
-        __nv_bfloat16 *out = a.k + (int64_t)(row0 + tid / 8) * a.k_token_stride + k_head + kHeadDim + (tid % 8) * 8;
-#pragma unroll
-        for (int j = 0; j < kRopeSlots; ++j) {
-          if (row0 + tid / 8 + 16 * j < a.tokens) *reinterpret_cast<uint4 *>(out) = kpe[j];
-          out += 16 * a.k_token_stride;
-        }
-      }
       // Four 64-column boxes: columns [0, 128) -> K[t, h, 0:128], [128, 256) -> V[t, h, :].
       // Each box is staged in one of the consumer's kSlots box slots and handed to its own TMA
       // store (one bulk group per box), so staging a box waits only for the store kSlots boxes
