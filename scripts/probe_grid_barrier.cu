@@ -1,16 +1,9 @@
 // Grid-barrier probe (run 22): cost of barrier variants over 1-128 cooperative 512-thread CTAs and
 // of one thread reading a column of per-CTA totals. Standalone; on the GPU machine:
 // nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -o /tmp/p scripts/probe_grid_barrier.cu && /tmp/p
-#include <cstdio>
-#include <vector>
-#include <algorithm>
+#include "probe_timing.cuh"
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s line %d\n", #x, cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
-__global__ void busy(unsigned long long ns) {
-  unsigned long long t0; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  for (;;) { unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); if (t - t0 > ns) break; }
-}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) { unsigned v; asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v; }
 __device__ __forceinline__ unsigned ld_relaxed(const unsigned *p) { unsigned v; asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v; }
 __device__ __forceinline__ unsigned atom_acq_rel(unsigned *p, unsigned v) { unsigned o; asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(o) : "l"(p), "r"(v) : "memory"); return o; }
@@ -60,19 +53,6 @@ __global__ void kreads(const int *col, int n_ctas, int nl, int *out) {
   }
   if (s == -12345) out[0] = s;
 }
-template <class F> float timeit(const char *name, F launch) {
-  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
-  std::vector<float> v;
-  for (int r = 0; r < 110; ++r) {
-    busy<<<1, 1>>>(100000);
-    CK(cudaEventRecord(a)); launch(); CK(cudaEventRecord(b)); CK(cudaEventSynchronize(b));
-    float ms; CK(cudaEventElapsedTime(&ms, a, b)); if (r >= 10) v.push_back(ms * 1000);
-  }
-  CK(cudaGetLastError());
-  std::sort(v.begin(), v.end());
-  printf("%-44s median %6.2f us  p10 %6.2f\n", name, v[v.size() / 2], v[v.size() / 10]);
-  return v[v.size() / 2];
-}
 template <int V> void coop(unsigned *state, int sep, int *out, int ctas, bool coopattr, unsigned target = 0) {
   cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(ctas); cfg.blockDim = dim3(512);
   cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1;
@@ -88,15 +68,15 @@ int main() {
     // plain launch, no barrier: launch cost of the grid
     timeit(name, [&] { cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(ctas); cfg.blockDim = dim3(512);
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1; cfg.attrs = attr; cfg.numAttrs = 1;
-      CK(cudaLaunchKernelEx(&cfg, kreads, (const int *)buf, 0, 0, buf)); });
-    snprintf(name, 128, "V0 adjacent words ctas=%d", ctas); timeit(name, [&] { coop<0>(state, 1, buf, ctas, true); });
+      CK(cudaLaunchKernelEx(&cfg, kreads, (const int *)buf, 0, 0, buf)); }, 100);
+    snprintf(name, 128, "V0 adjacent words ctas=%d", ctas); timeit(name, [&] { coop<0>(state, 1, buf, ctas, true); }, 100);
     CK(cudaMemset(state, 0, 4096));
-    snprintf(name, 128, "V0 separate lines ctas=%d", ctas); timeit(name, [&] { coop<0>(state, 64, buf, ctas, true); });
+    snprintf(name, 128, "V0 separate lines ctas=%d", ctas); timeit(name, [&] { coop<0>(state, 64, buf, ctas, true); }, 100);
     CK(cudaMemset(state, 0, 4096));
-    snprintf(name, 128, "V1 relaxed, separate ctas=%d", ctas); timeit(name, [&] { coop<1>(state, 64, buf, ctas, true); });
-    snprintf(name, 128, "V2 monotonic lower bound ctas=%d", ctas); { CK(cudaMemset(state, 0, 4096)); unsigned tgt = 0; timeit(name, [&] { tgt += ctas; coop<2>(state, 64, buf, ctas, true, tgt); }); }
-    snprintf(name, 128, "V3 cg grid sync ctas=%d", ctas); timeit(name, [&] { coop<3>(state, 64, buf, ctas, true); });
-    snprintf(name, 128, "reads 256 thr x %d ctas", ctas); timeit(name, [&] { kreads<<<1, 512>>>(buf, ctas, 256, buf); });
+    snprintf(name, 128, "V1 relaxed, separate ctas=%d", ctas); timeit(name, [&] { coop<1>(state, 64, buf, ctas, true); }, 100);
+    snprintf(name, 128, "V2 monotonic lower bound ctas=%d", ctas); { CK(cudaMemset(state, 0, 4096)); unsigned tgt = 0; timeit(name, [&] { tgt += ctas; coop<2>(state, 64, buf, ctas, true, tgt); }, 100); }
+    snprintf(name, 128, "V3 cg grid sync ctas=%d", ctas); timeit(name, [&] { coop<3>(state, 64, buf, ctas, true); }, 100);
+    snprintf(name, 128, "reads 256 thr x %d ctas", ctas); timeit(name, [&] { kreads<<<1, 512>>>(buf, ctas, 256, buf); }, 100);
   }
   return 0;
 }

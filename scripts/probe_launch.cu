@@ -1,18 +1,11 @@
 // Launch-latency probe (run 22): event-timed empty launches of plain and cluster grids, cluster
 // barriers, scattered DSMEM traffic, block scans, one- and eight-CTA copies. Standalone; on the
 // GPU machine: nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -o /tmp/p scripts/probe_launch.cu && /tmp/p
-#include <cstdio>
-#include <vector>
-#include <algorithm>
+#include "probe_timing.cuh"
 #include <cub/block/block_scan.cuh>
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s line %d\n", #x, cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
-__global__ void busy(unsigned long long ns) {
-  unsigned long long t0; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  for (;;) { unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); if (t - t0 > ns) break; }
-}
 __global__ void empty_k(int *out) { if (out && threadIdx.x == 9999) out[0] = 1; }
 __global__ void __cluster_dims__(8, 1, 1) empty_cluster(int *out) { if (out && threadIdx.x == 9999) out[0] = 1; }
 __global__ void __cluster_dims__(8, 1, 1) cluster_sync2(int *out) {
@@ -53,19 +46,6 @@ __global__ void load_store(const int *in, int *out, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = in[i] + 1;
 }
 
-template <class F> float timeit(const char *name, F launch) {
-  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
-  std::vector<float> v;
-  for (int r = 0; r < 210; ++r) {
-    busy<<<1, 1>>>(100000);
-    CK(cudaEventRecord(a)); launch(); CK(cudaEventRecord(b)); CK(cudaEventSynchronize(b));
-    float ms; CK(cudaEventElapsedTime(&ms, a, b)); if (r >= 10) v.push_back(ms * 1000);
-  }
-  CK(cudaGetLastError());
-  std::sort(v.begin(), v.end());
-  printf("%-44s median %6.2f us  p10 %6.2f\n", name, v[v.size() / 2], v[v.size() / 10]);
-  return v[v.size() / 2];
-}
 int main() {
   int *buf, *buf2; CK(cudaMalloc(&buf, 64 << 20)); CK(cudaMalloc(&buf2, 64 << 20));
   CK(cudaMemset(buf, 1, 64 << 20));
