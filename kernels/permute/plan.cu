@@ -38,6 +38,34 @@ constexpr int kRankBatch = 8;
 
 __device__ __forceinline__ int round_up(int x, int a) { return (x + a - 1) / a * a; }
 
+// The local expert of an assignment's id, -1 when it is not placed (outside the local range, or
+// not an assignment of this build: `live` false); counts ids outside [0, E) in `invalid`.
+__device__ __forceinline__ int local_expert(const moekit_plan_params &p, int id, bool live, int &invalid) {
+  int e = -1;
+  if (live) {
+    if (id < 0 || id >= p.num_experts) {
+      ++invalid;
+    } else if (id >= p.expert_begin && id < p.expert_end) {
+      e = id - p.expert_begin;
+    }
+  }
+  return e;
+}
+
+// One step of a warp's ranking, every lane calling it: the rank of this lane's assignment of
+// local expert e (-1: none) among the warp's assignments of e so far (count[e] of them, in this
+// warp's counters) plus its lower lanes with the same expert; count[e] then advances by the lanes
+// of e. No atomics, so the ranks are deterministic. The rank is 0 for e = -1.
+__device__ __forceinline__ int rank_in_warp(int *count, int e, int lane) {
+  const unsigned same = __match_any_sync(kFullMask, e);
+  const unsigned earlier = same & lanemask_lt(lane);
+  const int rank = e >= 0 ? count[e] + __popc(earlier) : 0;
+  __syncwarp();  // every lane has read count[e] before the group's first lane advances it
+  if (e >= 0 && earlier == 0) count[e] += __popc(same);
+  __syncwarp();
+  return rank;
+}
+
 __global__ void __launch_bounds__(kRankWarps * 32)
     rank_kernel(const moekit_plan_params p, const int64_t n_assign, const int num_local, const int n_chunks) {
   extern __shared__ int rank_counts[];  // [kRankWarps][num_local]
@@ -63,21 +91,9 @@ __global__ void __launch_bounds__(kRankWarps * 32)
 #pragma unroll
     for (int b = 0; b < kRankBatch; ++b) {
       const int64_t a = base + b * 32 + lane;
-      const int id = ids[b];
-      int e = -1;
-      if (a < end) {
-        if (id < 0 || id >= p.num_experts) {
-          ++invalid;
-        } else if (id >= p.expert_begin && id < p.expert_end) {
-          e = id - p.expert_begin;
-        }
-      }
-      const unsigned same = __match_any_sync(kFullMask, e);
-      const unsigned earlier = same & lanemask_lt(lane);
-      if (e >= 0) p.assignment_rank[a] = count[e] + __popc(earlier);
-      __syncwarp();  // every lane has read count[e] before the group's first lane advances it
-      if (e >= 0 && earlier == 0) count[e] += __popc(same);
-      __syncwarp();
+      const int e = local_expert(p, ids[b], a < end, invalid);
+      const int rank = rank_in_warp(count, e, lane);
+      if (e >= 0) p.assignment_rank[a] = rank;
     }
   }
   invalid = __reduce_add_sync(kFullMask, invalid);

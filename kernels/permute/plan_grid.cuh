@@ -77,21 +77,8 @@ __global__ void __launch_bounds__(kGridThreads)
   for (int b = 0; b < kGridMaxPerLane; ++b) {
     if (b < per_lane) {
       const int a = begin + b * 32 + lane;
-      const int id = held[b];
-      int e = -1;
-      if (a < n_assign) {
-        if (id < 0 || id >= p.num_experts) {
-          ++invalid;
-        } else if (id >= p.expert_begin && id < p.expert_end) {
-          e = id - p.expert_begin;
-        }
-      }
-      const unsigned same = __match_any_sync(kFullMask, e);
-      const unsigned earlier = same & lanemask_lt(lane);
-      const int rank = e >= 0 ? my_counts[e] + __popc(earlier) : 0;  // < 32 * per_lane
-      __syncwarp();  // every lane has read my_counts[e] before the group's first lane advances it
-      if (e >= 0 && earlier == 0) my_counts[e] += __popc(same);
-      __syncwarp();
+      const int e = local_expert(p, held[b], a < n_assign, invalid);
+      const int rank = rank_in_warp(my_counts, e, lane);  // < 32 * per_lane
       held[b] = e >= 0 ? rank << 16 | e : -1;
     }
   }
