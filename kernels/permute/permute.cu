@@ -7,6 +7,7 @@
 // different rows, each written with full 16-byte stores.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/load.cuh"
@@ -24,8 +25,9 @@ struct alignas(VW) Bytes {
   unsigned char b[VW];
 };
 
-// Copies one row of n_vec VW-byte vectors from src to every dst row in rows[0..k) that is >= 0.
-template <int VW, int kUnroll>
+// Copies one row of n_vec VW-byte vectors from src to every dst row in rows[0..k) that is >= 0;
+// kStreaming: with the streaming store hint.
+template <int VW, int kUnroll, bool kStreaming = false>
 __device__ __forceinline__ void scatter_row(const unsigned char *src, unsigned char *dst_base, int64_t row_bytes,
                                             const int *rows, int k, int64_t n_vec, int lane) {
   for (int64_t v0 = lane; v0 < n_vec; v0 += 32 * kUnroll) {
@@ -42,7 +44,13 @@ __device__ __forceinline__ void scatter_row(const unsigned char *src, unsigned c
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t v = v0 + u * 32;
-        if (v < n_vec) st(dst + v, val[u]);
+        if (v < n_vec) {
+          if constexpr (kStreaming) {
+            st_streaming(dst + v, val[u]);
+          } else {
+            st(dst + v, val[u]);
+          }
+        }
       }
     }
   }
@@ -58,7 +66,7 @@ __device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int 
 
 // Blocks [0, token_blocks) scatter tokens, one warp per token; the remaining blocks zero the
 // padding rows, one warp per (expert, padding slot) candidate.
-template <int VW, int kUnroll>
+template <int VW, int kUnroll, bool kStreaming = false>
 __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permute_params p, const int64_t token_blocks) {
   __shared__ int rows_smem[kWarps][32];
   const int lane = threadIdx.x & 31;
@@ -71,7 +79,7 @@ __global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permu
     int *rows = rows_smem[warp];
     if (lane < p.top_k) rows[lane] = __ldg(p.inverse_map + t * p.top_k + lane);
     __syncwarp();
-    scatter_row<VW, kUnroll>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
+    scatter_row<VW, kUnroll, kStreaming>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
                     p.row_bytes, rows, p.top_k, n_vec, lane);
     if (scale_words > 0) {
       scatter_row<4, 4>(static_cast<const unsigned char *>(p.x_scales) + t * p.scale_bytes,
@@ -135,14 +143,33 @@ moekit_status run_bulk(const moekit_permute_params &p, moekit_stream stream) {
   return last_launch_status();
 }
 
-template <int VW, int kUnroll = 4>
+// Whether the k copies are stored with the streaming hint (st.global.cs, evict-first in L2).
+// The kernel reads each token row once and writes it k times, and nothing it writes is read
+// again before it ends, so the hint only changes which lines L2 gives up first. Measured (H200,
+// BENCHMARKS.md run 23, call 1, streaming against plain): k = 8 DeepSeek-V3 T=4096 146.6 ->
+// 141.2 us, T=16384 584 -> 572, Qwen3 T=4096 40.3 -> 36.3, T=16384 167.1 -> 163.9; k = 2
+// Mixtral T=4096 30.8 -> 30.0 but T=16384 106.3 -> 108.0; T=128 (output L2-resident) within
+// noise. So: streaming for k >= 4 once the copies (tokens * k * row_bytes) outgrow L2 (an
+// output that fits in L2 stays there for the expert GEMM that reads it next).
+// MOEKIT_PERMUTE_STREAMING=0/1 forces the choice (for A/B timing).
+static bool use_streaming_stores(const moekit_permute_params &p) {
+  static const int forced = [] {
+    const char *v = getenv("MOEKIT_PERMUTE_STREAMING");
+    return v == nullptr ? -1 : atoi(v);
+  }();
+  if (forced == 0 || forced == 1) return forced == 1;
+  constexpr int64_t kL2Bytes = 50ll << 20;
+  return p.top_k >= 4 && p.tokens > kL2Bytes / p.top_k / p.row_bytes;  // no overflow
+}
+
+template <int VW, int kUnroll = 4, bool kStreaming = false>
 moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   const int64_t token_blocks = ceil_div(p.tokens, kWarps);
   const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
   const int64_t blocks = token_blocks + pad_blocks;
   if (blocks == 0) return MOEKIT_OK;
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  permute_kernel<VW, kUnroll><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
+  permute_kernel<VW, kUnroll, kStreaming><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
   return last_launch_status();
 }
 
@@ -178,8 +205,11 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
     // walks a DeepSeek-V3 row (14 KB) in 2 load round trips instead of 4 (a Mixtral row in 1):
     // DeepSeek-V3 T=4096 148.1 -> 145.0 us, T=16384 578.3 -> 574.7, Mixtral T=16384 106.3 ->
     // 104.9 (BENCHMARKS.md, run 19).
-    if (p->row_bytes > 32 * 16 * 8) return run<16, 16>(*p, stream);
-    return run<16, 8>(*p, stream);
+    const bool streaming = use_streaming_stores(*p);
+    if (p->row_bytes > 32 * 16 * 8) {
+      return streaming ? run<16, 16, true>(*p, stream) : run<16, 16>(*p, stream);
+    }
+    return streaming ? run<16, 8, true>(*p, stream) : run<16, 8>(*p, stream);
   }
   if (bits % 8 == 0) return run<8>(*p, stream);
   if (bits % 4 == 0) return run<4>(*p, stream);

@@ -33,4 +33,14 @@ __device__ __forceinline__ void st(T *p, const T &v) {
   *reinterpret_cast<W *>(p) = w;
 }
 
+// st() with the streaming cache hint (st.global.cs: evict-first in L2), for data written once and
+// not read again by the same kernel.
+template <typename T>
+__device__ __forceinline__ void st_streaming(T *p, const T &v) {
+  using W = typename RawWord<sizeof(T)>::type;
+  W w;
+  memcpy(&w, &v, sizeof(T));
+  __stcs(reinterpret_cast<W *>(p), w);
+}
+
 }  // namespace moekit
