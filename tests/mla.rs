@@ -112,7 +112,7 @@ fn run_contiguous(ctx: &Context, inp: &Inputs, imp: Implementation) -> (Vec<f32>
     let w = s.clone_htod(&to_bf16(&inp.w)).unwrap();
     let p = DecompressProblem::new(d, inp.tokens).implementation(imp);
     let (mut k, mut v) = outputs(ctx, &p, 0);
-    let mut ws = MlaWorkspace::new(s, inp.tokens).unwrap();
+    let mut ws = MlaWorkspace::new(s, &d, inp.tokens).unwrap();
     let source = LatentSource::cache_rows(&cache, &d);
     decompress(s, &p, &source, &w, &mut k, &mut v, &mut ws).unwrap();
     let (k, v) = (host(ctx, &k), host(ctx, &v));
@@ -276,7 +276,7 @@ fn gpu_decompress_strided_outputs() {
                 .v_layout(vl)
                 .implementation(imp);
             let (mut k, mut v) = outputs(&ctx, &p, 40);
-            let mut ws = MlaWorkspace::new(s, tokens).unwrap();
+            let mut ws = MlaWorkspace::new(s, &d, tokens).unwrap();
             let source = LatentSource::cache_rows(&cache, &d);
             decompress(s, &p, &source, &w, &mut k, &mut v, &mut ws).unwrap();
             for (name, got, dense, layout, dim) in [
@@ -407,7 +407,7 @@ fn decompress_paged(
     let w = s.clone_htod(&to_bf16(w)).unwrap();
     let p = DecompressProblem::new(dims, tokens).implementation(imp);
     let (mut k, mut v) = outputs(ctx, &p, 0);
-    let mut ws = MlaWorkspace::new(s, tokens).unwrap();
+    let mut ws = MlaWorkspace::new(s, &dims, tokens).unwrap();
     let source = LatentSource::Paged(PagedCache {
         cache: cache.slice(..),
         block_size,
@@ -774,7 +774,7 @@ fn bad_mla_inputs_are_refused() {
         .unwrap();
     let p = DecompressProblem::new(d, tokens);
     let (mut k, mut v) = outputs(&ctx, &p, 0);
-    let mut ws = MlaWorkspace::new(s, tokens).unwrap();
+    let mut ws = MlaWorkspace::new(s, &d, tokens).unwrap();
     let src = || LatentSource::cache_rows(&cache, &d);
     let run = |p: &DecompressProblem,
                src: &LatentSource<'_>,
@@ -883,9 +883,22 @@ fn bad_mla_inputs_are_refused() {
             ..
         })
     ));
-    let mut small = MlaWorkspace::new(s, tokens - 1).unwrap();
+    let mut small = MlaWorkspace::new(s, &d, tokens - 1).unwrap();
     assert!(matches!(
         run(&p, &paged(1, 3, 2), &w, &mut k, &mut v, &mut small),
+        Err(Error::InvalidArgument {
+            arg: "workspace",
+            ..
+        })
+    ));
+    // A workspace sized for narrower cache rows cannot hold this problem's gathered rows.
+    let narrow = MlaDims {
+        qk_rope_head_dim: 32,
+        ..d
+    };
+    let mut narrow_ws = MlaWorkspace::new(s, &narrow, tokens).unwrap();
+    assert!(matches!(
+        run(&p, &paged(1, 3, 2), &w, &mut k, &mut v, &mut narrow_ws),
         Err(Error::InvalidArgument {
             arg: "workspace",
             ..
