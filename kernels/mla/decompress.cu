@@ -38,32 +38,42 @@ __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params 
   return block * p.block_size + pos % p.block_size;
 }
 
-// paged_row by a whole warp for one token (every lane gets the result): the sequence is found by
-// 32-wide search steps, one step of independent loads for up to 33 sequences, instead of a binary
-// search's chain of dependent loads; then the sequence's bounds and start in one round and the
-// block id in another. The gather kernel's latency is this chain (T = 1024: the gather is on the
-// critical path of a 62 us decompression).
+// paged_row by a whole warp for one token (every lane gets the result). The gather kernel's time
+// is this chain of dependent loads (T = 1024: it delays a 62 us decompression by ~3 us), so the
+// sequence search takes 32-wide steps, and the last step (the only one for up to 32 sequences)
+// also loads each probed sequence's bounds and start: two rounds before the row's data (the
+// block id, then the row) instead of a binary search's chain.
 __device__ __forceinline__ int64_t paged_row_warp(const moekit_mla_decompress_params &p, int t, int lane) {
   // Invariant: the last sequence whose first token is <= t (or 0 when none) lies in [lo, hi].
   int lo = 0, hi = p.num_seqs - 1;
-  while (hi > lo) {
-    const int step = (hi - lo + 31) / 32;  // 32 probes lo + step, ..., lo + 32 step cover (lo, hi]
-    const int probe = lo + (lane + 1) * step;
-    const unsigned le = __ballot_sync(0xffffffffu, probe <= hi && p.cu_seqlens[probe] <= t);
-    if (le == 0) {
-      hi = lo + step - 1;
-    } else {
-      // cu_seqlens is non-decreasing, so the probes at or below t are the low lanes; a table that is
-      // not gives some sequence in range, whose bounds check below then fails or holds.
-      lo += (32 - __clz(le)) * step;
-      hi = min(hi, lo + step - 1);
+  int b, first, end, start;
+  for (;;) {
+    const int step = max(1, (hi - lo + 30) / 31);  // lanes probe lo, lo + step, ..., lo + 31 step >= hi
+    const int probe = lo + lane * step;
+    const bool in = probe <= hi;
+    const int probe_first = in ? p.cu_seqlens[probe] : 0;
+    int probe_end = 0, probe_start = 0;
+    if (step == 1 && in) {
+      probe_end = p.cu_seqlens[probe + 1];  // probe + 1 <= num_seqs
+      probe_start = p.seq_starts != nullptr ? p.seq_starts[probe] : 0;
     }
+    // cu_seqlens is non-decreasing, so the probes at or below t are the low lanes (a table that is
+    // not still gives a sequence in range, whose bounds check below then fails or holds). None:
+    // only while lo = 0, i.e. t precedes every sequence; lane 0's probe (lo) then fails the check.
+    const unsigned le = __ballot_sync(0xffffffffu, in && probe_first <= t);
+    const int last = le == 0 ? 0 : 31 - __clz(le);
+    if (step == 1) {
+      b = lo + last;
+      first = __shfl_sync(0xffffffffu, probe_first, last);
+      end = __shfl_sync(0xffffffffu, probe_end, last);
+      start = __shfl_sync(0xffffffffu, probe_start, last);
+      break;
+    }
+    lo += last * step;
+    hi = min(hi, lo + step - 1);
   }
-  const int b = lo;
-  const int first = p.cu_seqlens[b], end = p.cu_seqlens[b + 1];
-  const int64_t start = p.seq_starts != nullptr ? p.seq_starts[b] : 0;
   if (t < first || t >= end) return -1;
-  const int64_t pos = start + (t - first);
+  const int64_t pos = (int64_t)start + (t - first);
   if (pos < 0 || pos / p.block_size >= p.max_blocks_per_seq) return -1;
   const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
   if (block < 0 || block >= p.num_rows / p.block_size) return -1;
