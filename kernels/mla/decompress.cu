@@ -1,5 +1,6 @@
-// C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table), then
-// the WGMMA kernel as its programmatic dependent, or the simple FMA oracle.
+// C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table) or, for
+// a paged source with a gather buffer, the gather kernel; then the WGMMA kernel as its
+// programmatic dependent. Or the simple FMA oracle.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -38,48 +39,6 @@ __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params 
   return block * p.block_size + pos % p.block_size;
 }
 
-// paged_row by a whole warp for one token (every lane gets the result). The gather kernel's time
-// is this chain of dependent loads (T = 1024: it delays a 62 us decompression by ~3 us), so the
-// sequence search takes 32-wide steps, and the last step (the only one for up to 32 sequences)
-// also loads each probed sequence's bounds and start: two rounds before the row's data (the
-// block id, then the row) instead of a binary search's chain.
-__device__ __forceinline__ int64_t paged_row_warp(const moekit_mla_decompress_params &p, int t, int lane) {
-  // Invariant: the last sequence whose first token is <= t (or 0 when none) lies in [lo, hi].
-  int lo = 0, hi = p.num_seqs - 1;
-  int b, first, end, start;
-  for (;;) {
-    const int step = max(1, (hi - lo + 30) / 31);  // lanes probe lo, lo + step, ..., lo + 31 step >= hi
-    const int probe = lo + lane * step;
-    const bool in = probe <= hi;
-    const int probe_first = in ? p.cu_seqlens[probe] : 0;
-    int probe_end = 0, probe_start = 0;
-    if (step == 1 && in) {
-      probe_end = p.cu_seqlens[probe + 1];  // probe + 1 <= num_seqs
-      probe_start = p.seq_starts != nullptr ? p.seq_starts[probe] : 0;
-    }
-    // cu_seqlens is non-decreasing, so the probes at or below t are the low lanes (a table that is
-    // not still gives a sequence in range, whose bounds check below then fails or holds). None:
-    // only while lo = 0, i.e. t precedes every sequence; lane 0's probe (lo) then fails the check.
-    const unsigned le = __ballot_sync(0xffffffffu, in && probe_first <= t);
-    const int last = le == 0 ? 0 : 31 - __clz(le);
-    if (step == 1) {
-      b = lo + last;
-      first = __shfl_sync(0xffffffffu, probe_first, last);
-      end = __shfl_sync(0xffffffffu, probe_end, last);
-      start = __shfl_sync(0xffffffffu, probe_start, last);
-      break;
-    }
-    lo += last * step;
-    hi = min(hi, lo + step - 1);
-  }
-  if (t < first || t >= end) return -1;
-  const int64_t pos = (int64_t)start + (t - first);
-  if (pos < 0 || pos / p.block_size >= p.max_blocks_per_seq) return -1;
-  const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
-  if (block < 0 || block >= p.num_rows / p.block_size) return -1;
-  return block * p.block_size + pos % p.block_size;
-}
-
 __device__ __forceinline__ int64_t oracle_row(const moekit_mla_decompress_params &p, int t) {
   if (p.block_table != nullptr) return paged_row(p, t);
   return t < p.num_rows ? t : -1;
@@ -97,8 +56,13 @@ __global__ void prepare_kernel(const moekit_mla_decompress_params p) {
 // Copies each token's cache row (r latent values, then d_rope k_pe values) into row t of
 // p.gathered, zeros where the table maps no row, so that the WGMMA kernel reads a paged source
 // as contiguous rows by TMA; one warp per token, four 16-byte loads in flight per lane. Also
-// zeroes the WGMMA kernel's tile counter. Rows stay in L2 for the WGMMA kernel (2 (r + d_rope)
-// bytes per token: 9.4 MB at T = 8192).
+// zeroes the WGMMA kernel's tile counter (it replaces prepare_kernel). The rows stay in L2 for the
+// WGMMA kernel (2 (r + d_rope) bytes per token: 9.4 MB at T = 8192).
+// Why: the WGMMA kernel reads each latent tile once per head (128 times for DeepSeek-V3), so its
+// own gather (kTmaA = false) cost 5.7% over a contiguous source at T = 8192 and 10% at T = 1024;
+// gathered once here, 1.7% and 5.3% (H200, BENCHMARKS.md run 23). At T = 1024 this kernel's
+// ~3 us, a chain of dependent loads (sequence search, block id, row), is not hidden: a warp-wide
+// 32-way search that saved one round of it measured the same (65.22 vs 65.23 us).
 constexpr int kGatherWarps = 8;
 __global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_mla_decompress_params p) {
   allow_next_grid();  // the WGMMA kernel waits for this grid's completion before reading its output
@@ -106,7 +70,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_
   const int t = blockIdx.x * kGatherWarps + threadIdx.x / 32;
   if (t >= p.tokens) return;
   const int lane = threadIdx.x % 32;
-  const int64_t src = paged_row_warp(p, t, lane);
+  const int64_t src = paged_row(p, t);  // every lane the same loads (broadcast)
   const int latent_vecs = p.rank / 8, row_vecs = (p.rank + p.d_rope) / 8;  // 16-byte vectors
   const uint4 *latent = static_cast<const uint4 *>(p.latent) + (src < 0 ? 0 : src * p.latent_stride / 8);
   const uint4 *k_pe = static_cast<const uint4 *>(p.k_pe) + (src < 0 ? 0 : src * p.k_pe_stride / 8);
@@ -255,8 +219,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   // wait within a tile) measured the same on the H200 at T = 8192 (513 vs 513 us), 5% slower at
   // T = 1024 and 0-12% faster at T = 32768 across two runs: within the run-to-run spread, so the
   // deeper ring stays.
-  // A contiguous latent arrives by TMA (rows past num_rows read as zeros, as source_row says);
-  // a paged one is gathered (decompress_sm90.cuh, kTmaA, has the measurements).
+  // A contiguous latent (a paged one gathered above) arrives by TMA (rows past num_rows read as
+  // zeros, as source_row says); a paged one without the gather buffer is gathered by the kernel
+  // itself (decompress_sm90.cuh, kTmaA, has the measurements).
   CUtensorMap map_a;
   if (p.block_table == nullptr && p.num_rows >= 1 &&
       make_bf16_sw128_map(&map_a, p.latent, p.num_rows, p.rank, kBlockM, p.latent_stride)) {
