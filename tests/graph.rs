@@ -132,7 +132,7 @@ fn captured_mla_step_replays_like_eager() {
     let p = DecompressProblem::new(dims, t);
     let mut k = s.alloc_zeros::<bf16>(t * 16 * dims.k_head_dim()).unwrap();
     let mut v = s.alloc_zeros::<bf16>(t * 16 * dims.v_head_dim).unwrap();
-    let mut ws = MlaWorkspace::new(&s, t).unwrap();
+    let mut ws = MlaWorkspace::new(&s, &dims, t).unwrap();
     let rope = RopeConfig::deepseek_v3();
 
     let mut step = |s: &std::sync::Arc<cudarc::driver::CudaStream>,

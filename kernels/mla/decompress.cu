@@ -1,10 +1,12 @@
-// C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table), then
-// the WGMMA kernel as its programmatic dependent, or the simple FMA oracle.
+// C entry point of the MLA decompression: the prepare kernel (tile counter, paged row table) or, for
+// a paged source with a gather buffer, the gather kernel; then the WGMMA kernel as its
+// programmatic dependent. Or the simple FMA oracle.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "decompress_sm90.cuh"
 #include "device/launch.cuh"
@@ -49,6 +51,54 @@ __global__ void prepare_kernel(const moekit_mla_decompress_params p) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
   if (p.block_table != nullptr && t < p.tokens) p.row_src[t] = (int32_t)paged_row(p, t);
+}
+
+// Copies each token's cache row (r latent values, then d_rope k_pe values) into row t of
+// p.gathered, zeros where the table maps no row, so that the WGMMA kernel reads a paged source
+// as contiguous rows by TMA; one warp per token, four 16-byte loads in flight per lane. Also
+// zeroes the WGMMA kernel's tile counter (it replaces prepare_kernel). The rows stay in L2 for the
+// WGMMA kernel (2 (r + d_rope) bytes per token: 9.4 MB at T = 8192).
+// Why: the WGMMA kernel reads each latent tile once per head (128 times for DeepSeek-V3), so its
+// own gather (kTmaA = false) cost 5.7% over a contiguous source at T = 8192 and 10% at T = 1024;
+// gathered once here, 1.7% and 5.3% (H200, BENCHMARKS.md run 23). At T = 1024 this kernel's
+// ~3 us, a chain of dependent loads (sequence search, block id, row), is not hidden: a warp-wide
+// 32-way search that saved one round of it measured the same (65.22 vs 65.23 us).
+constexpr int kGatherWarps = 8;
+__global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_mla_decompress_params p) {
+  allow_next_grid();  // the WGMMA kernel waits for this grid's completion before reading its output
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.tile_counter = 0;
+  const int t = blockIdx.x * kGatherWarps + threadIdx.x / 32;
+  if (t >= p.tokens) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t src = paged_row(p, t);  // every lane the same loads (broadcast)
+  const int latent_vecs = p.rank / 8, row_vecs = (p.rank + p.d_rope) / 8;  // 16-byte vectors
+  const uint4 *latent = static_cast<const uint4 *>(p.latent) + (src < 0 ? 0 : src * p.latent_stride / 8);
+  const uint4 *k_pe = static_cast<const uint4 *>(p.k_pe) + (src < 0 ? 0 : src * p.k_pe_stride / 8);
+  uint4 *dst = static_cast<uint4 *>(p.gathered) + (int64_t)t * row_vecs;
+  constexpr int kInFlight = 4;
+  for (int v0 = lane; v0 < row_vecs; v0 += 32 * kInFlight) {
+    uint4 x[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int v = v0 + 32 * u;
+      x[u] = make_uint4(0, 0, 0, 0);
+      if (src >= 0 && v < row_vecs) x[u] = __ldg(v < latent_vecs ? latent + v : k_pe + (v - latent_vecs));
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      if (v0 + 32 * u < row_vecs) dst[v0 + 32 * u] = x[u];
+    }
+  }
+}
+
+// Whether a paged source is gathered by gather_kernel first (when the caller gave the buffer):
+// MOEKIT_MLA_PREGATHER=0 keeps the WGMMA kernel's own gather (EXPERIMENT, for A/B timing).
+static bool pregather_enabled() {
+  static const bool enabled = [] {
+    const char *v = getenv("MOEKIT_MLA_PREGATHER");
+    return v == nullptr || atoi(v) != 0;
+  }();
+  return enabled;
 }
 
 // One thread per output element of K or V; the dot product over r in f32. Slow and obviously
@@ -114,8 +164,24 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
   return MOEKIT_OK;
 }
 
-static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_stream stream) {
-  if (!wgmma_supports(p)) return MOEKIT_ERR_UNSUPPORTED;
+static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moekit_stream stream) {
+  if (!wgmma_supports(params)) return MOEKIT_ERR_UNSUPPORTED;
+  moekit_mla_decompress_params p = params;
+  if (p.block_table != nullptr && p.gathered != nullptr && pregather_enabled()) {
+    gather_kernel<<<(unsigned)ceil_div(p.tokens, kGatherWarps), kGatherWarps * 32, 0, stream>>>(p);
+    MOEKIT_TRY_LAUNCH();
+    // From here on the source is contiguous: token t's row is row t of the gathered buffer.
+    p.latent = p.gathered;
+    p.k_pe = static_cast<const __nv_bfloat16 *>(p.gathered) + p.rank;
+    p.latent_stride = p.k_pe_stride = p.rank + p.d_rope;
+    p.num_rows = p.tokens;
+    p.block_table = nullptr;
+  } else {
+    const int prepare_threads = 256;
+    const int prepare_blocks = p.block_table != nullptr ? (int)ceil_div(p.tokens, prepare_threads) : 1;
+    prepare_kernel<<<prepare_blocks, prepare_threads, 0, stream>>>(p);
+    MOEKIT_TRY_LAUNCH();
+  }
   CUtensorMap map_w;
   // kv_b_proj [heads * 256, r] in boxes of 256 rows (one head) x 64.
   if (!make_bf16_sw128_map(&map_w, p.w, (int64_t)p.heads * kBlockN, p.rank, kBlockN)) return MOEKIT_ERR_UNSUPPORTED;
@@ -138,11 +204,6 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_str
   a.rank = p.rank;
   a.d_rope = p.d_rope;
 
-  const int prepare_threads = 256;
-  const int prepare_blocks = p.block_table != nullptr ? (int)ceil_div(p.tokens, prepare_threads) : 1;
-  prepare_kernel<<<prepare_blocks, prepare_threads, 0, stream>>>(p);
-  MOEKIT_TRY_LAUNCH();
-
   const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));
   // The epilogue writes K[:, :, 0:128] and V through TMA stores: tensor maps over the caller's
@@ -158,8 +219,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &p, moekit_str
   // wait within a tile) measured the same on the H200 at T = 8192 (513 vs 513 us), 5% slower at
   // T = 1024 and 0-12% faster at T = 32768 across two runs: within the run-to-run spread, so the
   // deeper ring stays.
-  // A contiguous latent arrives by TMA (rows past num_rows read as zeros, as source_row says);
-  // a paged one is gathered (decompress_sm90.cuh, kTmaA, has the measurements).
+  // A contiguous latent (a paged one gathered above) arrives by TMA (rows past num_rows read as
+  // zeros, as source_row says); a paged one without the gather buffer is gathered by the kernel
+  // itself (decompress_sm90.cuh, kTmaA, has the measurements).
   CUtensorMap map_a;
   if (p.block_table == nullptr && p.num_rows >= 1 &&
       make_bf16_sw128_map(&map_a, p.latent, p.num_rows, p.rank, kBlockM, p.latent_stride)) {

@@ -462,7 +462,7 @@ fn mla_case(
     let mut k = unsafe { stream.alloc::<bf16>(tokens * heads * dims.k_head_dim()) }?;
     // SAFETY: as above.
     let mut v = unsafe { stream.alloc::<bf16>(tokens * heads * dims.v_head_dim) }?;
-    let mut ws = MlaWorkspace::new(&stream, tokens)?;
+    let mut ws = MlaWorkspace::new(&stream, &dims, tokens)?;
     let t = tokens as f64;
     let flops = dims.decompress_flops(tokens);
     let bytes = 2.0

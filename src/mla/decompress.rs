@@ -118,19 +118,37 @@ impl DecompressProblem {
     }
 }
 
-/// Device scratch of [`decompress`]: the paged row table (4 bytes per token) and the kernel's tile
-/// queue. One per stream; reused across calls.
+/// Device scratch of [`decompress`]: a paged source's rows gathered contiguous (`[max_tokens,
+/// r + d_rope]` bf16, 1152 bytes per token for DeepSeek-V3), the paged row table (4 bytes per
+/// token) and the kernel's tile queue. One per stream; reused across calls.
+///
+/// Why a gather buffer: the decompression kernel reads each latent tile once per head (128 times
+/// for DeepSeek-V3), so gathering the scattered cache rows once into this buffer and reading it
+/// by TMA costs less than gathering inside the kernel (BENCHMARKS.md, run 23).
 #[derive(Debug)]
 pub struct MlaWorkspace {
+    gathered: CudaSlice<bf16>,
     row_src: CudaSlice<i32>,
     tile_counter: CudaSlice<i32>,
     max_tokens: usize,
+    row_elems: usize,
 }
 
 impl MlaWorkspace {
-    /// Scratch for up to `max_tokens` tokens per call.
-    pub fn new(stream: &Arc<CudaStream>, max_tokens: usize) -> Result<Self> {
+    /// Scratch for up to `max_tokens` tokens per call of dimensions `dims` (its cache row,
+    /// `r + d_rope` values, sizes the gather buffer).
+    pub fn new(stream: &Arc<CudaStream>, dims: &MlaDims, max_tokens: usize) -> Result<Self> {
+        let row_elems = dims.cache_row();
+        let gathered_len = max_tokens.max(1).checked_mul(row_elems).ok_or_else(|| {
+            Error::invalid(
+                "max_tokens",
+                format!("{max_tokens} rows of {row_elems} overflow"),
+            )
+        })?;
         Ok(Self {
+            // SAFETY: the gather kernel writes every row it hands to the decompression kernel.
+            gathered: unsafe { stream.alloc::<bf16>(gathered_len) }
+                .during("allocating the MLA gather buffer")?,
             row_src: stream
                 .alloc_zeros::<i32>(max_tokens.max(1))
                 .during("allocating the MLA row table")?,
@@ -138,6 +156,7 @@ impl MlaWorkspace {
                 .alloc_zeros::<i32>(1)
                 .during("allocating the MLA tile counter")?,
             max_tokens,
+            row_elems,
         })
     }
 
@@ -165,7 +184,8 @@ fn rows_in(len: usize, stride: usize, width: usize) -> usize {
 ///   `problem.k_layout`; `v`: `V[t, h, :] = c_t · W_UV[h]ᵀ` at `problem.v_layout` (bf16, f32
 ///   accumulation). Elements outside the layouts' `(t, h, c)` keep their contents.
 ///
-/// Launches a small prepare kernel and the decompression kernel; no host synchronization.
+/// Launches a small prepare kernel (for a paged source: the gather into the workspace) and the
+/// decompression kernel; no host synchronization.
 pub fn decompress(
     stream: &CudaStream,
     problem: &DecompressProblem,
@@ -327,12 +347,12 @@ pub fn decompress(
                     return Err(Error::shape("seq_starts", num_seqs, s.len()));
                 }
             }
-            if tokens > workspace.max_tokens {
+            if tokens > workspace.max_tokens || workspace.row_elems < row {
                 return Err(Error::invalid(
                     "workspace",
                     format!(
-                        "holds {} tokens; this call decompresses {tokens}",
-                        workspace.max_tokens
+                        "holds {} tokens of {} values; this call decompresses {tokens} of {row}",
+                        workspace.max_tokens, workspace.row_elems
                     ),
                 ));
             }
@@ -367,12 +387,14 @@ pub fn decompress(
     let cu = paged.map(|p| p.cu_seqlens.device_ptr(stream));
     let starts = paged.and_then(|p| p.seq_starts.as_ref().map(|s| s.device_ptr(stream)));
     let MlaWorkspace {
+        gathered,
         row_src,
         tile_counter,
         ..
     } = workspace;
     let (row_src_ptr, _g5) = row_src.device_ptr_mut(stream);
     let (counter_ptr, _g6) = tile_counter.device_ptr_mut(stream);
+    let (gathered_ptr, _g7) = gathered.device_ptr_mut(stream);
     let params = ffi::moekit_mla_decompress_params {
         latent: latent_ptr as *const _,
         k_pe: k_pe_ptr as *const _,
@@ -383,6 +405,7 @@ pub fn decompress(
         cu_seqlens: ptr_or_null(&cu) as *const i32,
         seq_starts: ptr_or_null(&starts) as *const i32,
         row_src: row_src_ptr as *mut i32,
+        gathered: gathered_ptr as *mut _,
         num_seqs: paged.map_or(0, |p| p.cu_seqlens.len() - 1) as i32,
         max_blocks_per_seq: paged.map_or(0, |p| p.max_blocks_per_seq) as i32,
         block_size: paged.map_or(0, |p| p.block_size) as i32,
@@ -412,7 +435,8 @@ pub fn decompress(
     // a paged cache is exactly num_rows rows of r + d_rope, k_pe at offset r); the kernels map
     // unmapped or out-of-range device-side table entries to zero rows. k and v hold every element
     // of their layouts for tokens x heads (checked, no overlap); kv_b_proj is H (d_nope + d_v) x r.
-    // The paged tables have the checked shapes; row_src holds max_tokens >= tokens entries. All
+    // The paged tables have the checked shapes; row_src holds max_tokens >= tokens entries and
+    // gathered max_tokens rows of at least r + d_rope values (checked for a paged source). All
     // pointers are 16-byte aligned and the strides multiples of 8 elements. The buffer guards
     // order the launches after earlier work on their buffers.
     let status = unsafe { ffi::moekit_mla_decompress(&params, raw_stream(stream)) };

@@ -40,6 +40,9 @@ typedef struct moekit_mla_decompress_params {
   const int32_t *cu_seqlens;  /* [num_seqs + 1] */
   const int32_t *seq_starts;  /* [num_seqs], or NULL for all zeros */
   int32_t *row_src;           /* [tokens] workspace: the source row of each token (-1: zeros) */
+  void *gathered;             /* [tokens, r + d_rope] bf16 workspace, or NULL: a paged source's rows copied
+                               * contiguous by a gather kernel before the WGMMA kernel reads them by TMA
+                               * (NULL: the WGMMA kernel gathers them itself, slower) */
   int32_t num_seqs;
   int32_t max_blocks_per_seq;
   int32_t block_size;
@@ -62,7 +65,7 @@ typedef struct moekit_mla_decompress_params {
   int32_t implementation;     /* MOEKIT_MLA_* */
   int32_t _pad1;
 } moekit_mla_decompress_params;
-MOEKIT_STATIC_ASSERT(sizeof(moekit_mla_decompress_params) == 184, "moekit_mla_decompress_params layout");
+MOEKIT_STATIC_ASSERT(sizeof(moekit_mla_decompress_params) == 192, "moekit_mla_decompress_params layout");
 
 MOEKIT_EXTERN_C moekit_status moekit_mla_decompress(const moekit_mla_decompress_params *p, moekit_stream stream);
 
