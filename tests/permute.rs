@@ -426,6 +426,18 @@ fn permute_moves_rows_exactly() {
         0xEEu8,
         "fp8 H=7168 1x128 scales",
     );
+    // FP8 rows of 16 KB with 1x128 scales: rows of two load passes, each its own warp (the
+    // scales moved by the first)
+    let x: Vec<u8> = (0..77 * 16384).map(|i| (i * 131 % 253) as u8).collect();
+    check_permute(
+        &ctx,
+        &PlanConfig::new(77, 4, 64).align(8),
+        16384,
+        Some(ScaleLayout::Per128Columns),
+        x,
+        0xEEu8,
+        "fp8 H=16384 1x128 scales",
+    );
     // E = 1, k = 1: every token to the one expert
     let x = normal(50 * 64);
     check_permute(

@@ -64,24 +64,34 @@ __device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int 
   for (int64_t v = lane; v < n_vec; v += 32) st(reinterpret_cast<Bytes<VW> *>(dst) + v, z);
 }
 
-// Blocks [0, token_blocks) scatter tokens, one warp per token; the remaining blocks zero the
-// padding rows, one warp per (expert, padding slot) candidate.
+// Blocks [0, token_blocks) scatter tokens, one warp per (token, slice): a row is cut into
+// `slices` equal runs of vectors (the launcher picks one slice per load pass of the warp); the
+// remaining blocks zero the padding rows, one warp per (expert, padding slot) candidate.
 template <int VW, int kUnroll, bool kStreaming = false>
-__global__ void __launch_bounds__(kWarps * 32) permute_kernel(const moekit_permute_params p, const int64_t token_blocks) {
+__global__ void __launch_bounds__(kWarps * 32)
+    permute_kernel(const moekit_permute_params p, const int64_t token_blocks, const int slices) {
   __shared__ int rows_smem[kWarps][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t n_vec = p.row_bytes / VW;
   const int64_t scale_words = p.scale_bytes / 4;
   if (blockIdx.x < token_blocks) {
-    const int64_t t = (int64_t)blockIdx.x * kWarps + warp;
+    const int64_t item = (int64_t)blockIdx.x * kWarps + warp;
+    // 64-bit division only for sliced rows: with it, one-slice rows measured +1.4..+5% (the
+    // index math sits on each warp's path to its first load; run 23 call 11).
+    const int64_t t = slices == 1 ? item : item / slices;
+    const int slice = slices == 1 ? 0 : (int)(item - t * slices);
     if (t >= p.tokens) return;
     int *rows = rows_smem[warp];
     if (lane < p.top_k) rows[lane] = __ldg(p.inverse_map + t * p.top_k + lane);
     __syncwarp();
-    scatter_row<VW, kUnroll, kStreaming>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes, static_cast<unsigned char *>(p.xp),
-                    p.row_bytes, rows, p.top_k, n_vec, lane);
-    if (scale_words > 0) {
+    const int64_t per_slice = (n_vec + slices - 1) / slices;
+    const int64_t v_begin = slice * per_slice;
+    const int64_t v_count = v_begin >= n_vec ? 0 : std::min(per_slice, n_vec - v_begin);
+    scatter_row<VW, kUnroll, kStreaming>(static_cast<const unsigned char *>(p.x) + t * p.row_bytes + v_begin * VW,
+                                         static_cast<unsigned char *>(p.xp) + v_begin * VW, p.row_bytes, rows,
+                                         p.top_k, v_count, lane);
+    if (scale_words > 0 && slice == 0) {
       scatter_row<4, 4>(static_cast<const unsigned char *>(p.x_scales) + t * p.scale_bytes,
                      static_cast<unsigned char *>(p.xp_scales), p.scale_bytes, rows, p.top_k, scale_words, lane);
     }
@@ -139,7 +149,7 @@ moekit_status run_bulk(const moekit_permute_params &p, moekit_stream stream) {
   // The padding rows: permute_kernel's blocks past the token blocks (token_blocks = 0).
   const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
   if (pad_blocks == 0) return MOEKIT_OK;
-  permute_kernel<16, 8><<<(unsigned)pad_blocks, kWarps * 32, 0, stream>>>(p, 0);
+  permute_kernel<16, 8><<<(unsigned)pad_blocks, kWarps * 32, 0, stream>>>(p, 0, 1);
   return last_launch_status();
 }
 
@@ -162,14 +172,27 @@ static bool use_streaming_stores(const moekit_permute_params &p) {
   return p.top_k >= 4 && p.tokens > kL2Bytes / p.top_k / p.row_bytes;  // no overflow
 }
 
+// A 16-byte-vector row longer than one load pass of a warp (32 x kUnroll vectors) is cut into
+// as many slices as it needs passes, each its own warp: DeepSeek-V3 rows (896 vectors, 2 passes
+// of 512) as 2 x 448. Measured (H200, BENCHMARKS.md run 23, call 10, best of 2): T=4096 139.7 ->
+// 137.5 us, T=16384 573.5 -> 556.9 (twice the warps of one pass each, where 91 registers allow
+// 16 warps per SM); one warp per token with 3 blocks per SM instead (85 registers) measured
+// 163.8 / 562.7, with 14-vector slices 144-147 / 568-581. Narrower vectors keep one warp per token.
+template <int VW, int kUnroll>
+int slices_per_row(const moekit_permute_params &p) {
+  if (VW != 16) return 1;
+  return (int)std::max<int64_t>(1, ceil_div(p.row_bytes / VW, (int64_t)32 * kUnroll));
+}
+
 template <int VW, int kUnroll = 4, bool kStreaming = false>
 moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
-  const int64_t token_blocks = ceil_div(p.tokens, kWarps);
+  const int slices = slices_per_row<VW, kUnroll>(p);
+  const int64_t token_blocks = ceil_div(p.tokens * slices, kWarps);
   const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
   const int64_t blocks = token_blocks + pad_blocks;
   if (blocks == 0) return MOEKIT_OK;
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  permute_kernel<VW, kUnroll, kStreaming><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks);
+  permute_kernel<VW, kUnroll, kStreaming><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks, slices);
   return last_launch_status();
 }
 
