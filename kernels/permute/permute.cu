@@ -177,7 +177,8 @@ static bool use_streaming_stores(const moekit_permute_params &p) {
 // of 512) as 2 x 448. Measured (H200, BENCHMARKS.md run 23, call 10, best of 2): T=4096 139.7 ->
 // 137.5 us, T=16384 573.5 -> 556.9 (twice the warps of one pass each, where 91 registers allow
 // 16 warps per SM); one warp per token with 3 blocks per SM instead (85 registers) measured
-// 163.8 / 562.7, with 14-vector slices 144-147 / 568-581. Narrower vectors keep one warp per token.
+// 163.8 / 562.7, with 14-vector slices 144-147 / 568-581. Against main in call 12: 139.2 -> 137.1
+// (90.2% of memcpy), 565.0 -> 549.6 (90.0%). Narrower vectors keep one warp per token.
 template <int VW, int kUnroll>
 int slices_per_row(const moekit_permute_params &p) {
   if (VW != 16) return 1;
