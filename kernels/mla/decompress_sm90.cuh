@@ -17,8 +17,10 @@
 // Structure (one CTA per SM, tiles claimed in order from a global counter):
 //   warpgroup 0      thread 0 issues the TMA load of the W tile [256 x 64] of each stage (one
 //                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
-//                    the A tile [128 x 64]; from a paged cache (rows scattered, which one TMA box
-//                    cannot address) all 128 threads gather the A tile with 16-byte cp.async (8
+//                    the A tile [128 x 64] (a paged cache is gathered contiguous first by
+//                    decompress.cu's gather kernel when the caller gives the buffer); from a
+//                    paged cache without it (rows scattered, which one TMA box cannot address)
+//                    all 128 threads gather the A tile with 16-byte cp.async (8
 //                    lanes per token row) into the same 128-byte swizzle TMA uses, and copies
 //                    the same rows' k_pe to K[t, h, 128:128+d_rope]; with a contiguous latent,
 //                    warps 1..3 (otherwise idle) copy each tile's k_pe;
@@ -135,7 +137,9 @@ __device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBloc
 // TFLOP/s), T = 1024 67.6 -> 63.1 us, H = 16 and 12 shards -5..-7%: gathered, the consumers
 // waited for full stages and fenced every k-block for the cp.async writes. Paged caches keep the
 // gather (488 us): one TMA per row (751 us) and 8-row TMA boxes for runs of consecutive rows with
-// cp.async for the rest (533 us) were slower (branch next/mla-paged-tma).
+// cp.async for the rest (533 us) were slower (branch next/mla-paged-tma). Since run 23 a paged
+// source is gathered once by its own kernel and read here by TMA (452 us at T = 8192 against
+// 471 gathered here); this path remains for callers without the gather buffer.
 template <int kStages, int kStagingBufs, bool kTmaA>
 __global__ void __launch_bounds__(kThreads, 1)
     decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_a,
