@@ -430,8 +430,9 @@ fn gpu_decompress_paged_equals_contiguous() {
     for block_size in [1, 16, 32, 64, 128] {
         let seed = fresh_seed();
         let mut r = rng(seed);
-        // Block 32: 70 short sequences (the gather's sequence search takes more than one step
-        // past 33); the others: 6 sequences up to 259 tokens. Every third one empty.
+        // Block 32: 70 short sequences (a deeper search over cu_seqlens, and many sequence
+        // boundaries inside one 128-token tile); the others: 6 sequences up to 259 tokens. Every
+        // third one empty.
         let (n_seqs, max_len) = if block_size == 32 { (70, 12) } else { (6, 260) };
         let lens: Vec<usize> = (0..n_seqs)
             .map(|i| {
