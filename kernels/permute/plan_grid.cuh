@@ -10,9 +10,9 @@
 //              counters by their prefix over the CTA's warps and publishes the CTA's total for e.
 //   2. grid barrier.
 //   3. place:  thread e sums expert e's totals over the CTAs before its own (its base) and over
-//              all (the expert's rows); a block scan gives the padded segment offsets; CTA 0 writes
-//              the counts, offsets and tile schedule; each lane places its held assignments; the
-//              grid marks padding and unused rows -1.
+//              all (the expert's rows); one block scan gives the padded segment offsets and the
+//              tile schedule's starts; CTA e % n_ctas writes expert e's count, offset and tiles;
+//              each lane places its held assignments; the grid marks padding and unused rows -1.
 //
 // Row order within an expert is ascending assignment index, as in plan.cu. Limits (checked by the
 // launcher, which otherwise runs the three kernels): num_local <= kGridThreads, and the grid fits
@@ -31,7 +31,18 @@ constexpr int kGridWarps = kGridThreads / 32;
 constexpr int kGridMaxPerLane = 4;  // assignments a lane holds in registers
 constexpr int kGridMaxLocal = kGridThreads;
 
-using GridScan = cub::BlockScan<int, kGridThreads>;
+// An expert's padded rows and GEMM tiles, scanned together: one block scan gives every CTA both
+// the segment offsets and the tile schedule's starts (CTA 0 ran a second scan for the tiles).
+struct RowsTiles {
+  int rows;
+  int tiles;
+};
+struct RowsTilesSum {
+  __device__ __forceinline__ RowsTiles operator()(const RowsTiles &a, const RowsTiles &b) const {
+    return RowsTiles{a.rows + b.rows, a.tiles + b.tiles};
+  }
+};
+using GridScan = cub::BlockScan<RowsTiles, kGridThreads>;
 
 // Dynamic shared memory of one CTA, in ints.
 inline size_t grid_smem_ints(int num_local) { return (size_t)kGridWarps * num_local + 3 * (size_t)num_local + 1; }
@@ -126,28 +137,28 @@ __global__ void __launch_bounds__(kGridThreads)
     bases[t] = base;
     totals[t] = count;
   }
-  int offset, padded_total;
-  GridScan(scan_tmp).ExclusiveSum(t < num_local ? round_up(count, p.align) : 0, offset, padded_total);
+  const int n_tiles = t < num_local ? (count + p.block_m - 1) / p.block_m : 0;
+  RowsTiles before, all;
+  GridScan(scan_tmp).ExclusiveScan(RowsTiles{t < num_local ? round_up(count, p.align) : 0, n_tiles}, before,
+                                   RowsTiles{0, 0}, RowsTilesSum(), all);
+  const int offset = before.rows, padded_total = all.rows;
   if (t < num_local) offsets[t] = offset;
   if (t == 0) offsets[num_local] = padded_total;
-  __syncthreads();  // offsets, bases, totals complete; scan_tmp free again
-  if (cta == 0) {
-    const int n_tiles = t < num_local ? (count + p.block_m - 1) / p.block_m : 0;
-    int first_tile, total_tiles;
-    GridScan(scan_tmp).ExclusiveSum(n_tiles, first_tile, total_tiles);
-    if (t < num_local) {
-      p.expert_counts[t] = count;
-      p.expert_offsets[t] = offset;
-      for (int j = 0; j < n_tiles; ++j) {
-        p.tiles[2 * (int64_t)(first_tile + j)] = t;
-        p.tiles[2 * (int64_t)(first_tile + j) + 1] = offset + j * p.block_m;
-      }
-    }
-    if (t == 0) {
-      p.expert_offsets[num_local] = padded_total;
-      *p.num_tiles = total_tiles;
+  // The counts, offsets and tile schedule of expert e, written by CTA e % n_ctas (CTA 0 wrote them
+  // all after a second scan, on top of its share of the rows: the grid ends with its last CTA).
+  if (t < num_local && t % n_ctas == cta) {
+    p.expert_counts[t] = count;
+    p.expert_offsets[t] = offset;
+    for (int j = 0; j < n_tiles; ++j) {
+      p.tiles[2 * (int64_t)(before.tiles + j)] = t;
+      p.tiles[2 * (int64_t)(before.tiles + j) + 1] = offset + j * p.block_m;
     }
   }
+  if (cta == 0 && t == 0) {
+    p.expert_offsets[num_local] = padded_total;
+    *p.num_tiles = all.tiles;
+  }
+  __syncthreads();  // offsets, bases, totals complete
 #pragma unroll
   for (int b = 0; b < kGridMaxPerLane; ++b) {
     const int a = begin + b * 32 + lane;
