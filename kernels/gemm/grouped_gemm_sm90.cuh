@@ -29,6 +29,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "device/fast_math.cuh"
 #include "device/sm90.cuh"
 #include "device/staging.cuh"
 #include "device/wgmma_ops.cuh"
@@ -92,15 +93,11 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   return Tile{e, seg + (local % m_tiles) * kBlockM, seg + count, local / m_tiles};
 }
 
-// g * sigmoid(g) with the fast exponential and reciprocal: the IEEE division (no fast-math in
-// the build) was a multi-instruction sequence per output element, and the SwiGLU GEMM ran 3-13%
-// slower than the plain one though it writes half the bytes (BENCHMARKS.md run 23). A few ulp in
-// f32, far inside what the bf16 output keeps; rcp.approx(inf) = 0, so a very negative g gives -0.
-__device__ __forceinline__ float silu(float g) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + __expf(-g)));
-  return g * r;
-}
+// g * sigmoid(g) with the fast exponential and reciprocal (device/fast_math.cuh): the IEEE
+// division (no fast-math in the build) was a multi-instruction sequence per output element, and
+// the SwiGLU GEMM ran 3-13% slower than the plain one though it writes half the bytes
+// (BENCHMARKS.md run 23). A few ulp in f32, far inside what the bf16 output keeps.
+__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
 // Writes one consumer warpgroup's 64 x BN accumulators. Thread (warp w, lane l) holds, for each
 // 8-column block i, rows 16w + l/4 (+8) and columns 8i + 2(l%4) (+1): acc[4i + 2h + {0,1}]. They
