@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "device/convert.cuh"
+#include "device/fast_math.cuh"
 #include "device/launch.cuh"
 #include "device/load.cuh"
 #include "device/warp.cuh"
@@ -71,23 +72,6 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 // fmaxf returns the other operand when one is NaN: one FMNMX instead of a compare and a select
 // (no fast-math here, so the compiler keeps it).
 __device__ __forceinline__ float no_nan(float x) { return fmaxf(x, -INFINITY); }
-
-// 1 / (1 + e^-x) with the fast exponential and reciprocal (a few ulp, far inside the 1e-5 the tests
-// allow); rcp.approx(inf) = 0, so sigmoid(-inf) = 0. __frcp_rn's rounding fix-up put a branch per
-// slot into v2.
-__device__ __forceinline__ float fast_rcp(float y) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  return r;
-}
-// 2^y with denormal results flushed to zero: __expf's non-ftz ex2 adds a range check and two
-// fix-up multiplies per value, and a denormal e^-x changes nothing once added to 1.
-__device__ __forceinline__ float exp2_ftz(float y) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  return r;
-}
-__device__ __forceinline__ float sigmoid(float x) { return fast_rcp(1.0f + exp2_ftz(x * -1.4426950408889634f)); }
 
 // exp(x - m) with the limits made explicit: entries equal to the maximum get 1, so a +inf logit
 // takes all the mass (shared with other +inf logits) instead of producing NaN.

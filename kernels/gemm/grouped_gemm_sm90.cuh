@@ -29,6 +29,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "device/fast_math.cuh"
 #include "device/sm90.cuh"
 #include "device/staging.cuh"
 #include "device/wgmma_ops.cuh"
@@ -92,7 +93,11 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   return Tile{e, seg + (local % m_tiles) * kBlockM, seg + count, local / m_tiles};
 }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+// g * sigmoid(g) with the fast exponential and reciprocal (device/fast_math.cuh): the IEEE
+// division (no fast-math in the build) was a multi-instruction sequence per output element, and
+// the SwiGLU GEMM ran 3-13% slower than the plain one though it writes half the bytes
+// (BENCHMARKS.md run 23). A few ulp in f32, far inside what the bf16 output keeps.
+__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
 // Writes one consumer warpgroup's 64 x BN accumulators. Thread (warp w, lane l) holds, for each
 // 8-column block i, rows 16w + l/4 (+8) and columns 8i + 2(l%4) (+1): acc[4i + 2h + {0,1}]. They
@@ -103,7 +108,9 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
                                          int consumer, int warp, int lane, uint8_t *buf) {
   // The row scale is applied on the way out, in f32 (the staging then holds f32): applied to the
   // accumulators it kept two scales live next to them and the consumer spilled at its 240-register
-  // limit.
+  // limit (so did applying it while staging, run 23). Lane i < 16 of each warp loads the scale of
+  // the warp's row i once per tile and the stores fetch it by shuffle (they reloaded it, two
+  // dependent global loads, for every 16-byte chunk of every pass).
   constexpr bool kScaleRows = kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE;
   using StageT = typename std::conditional<kScaleRows, float, OutT>::type;
   constexpr int kOutCols = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
@@ -113,6 +120,11 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
   const int row_base = tile.row0 + consumer * 64;
   const int col_base = tile.col_block * kOutCols;
   OutT *y = static_cast<OutT *>(y_base);
+  float row_scale = 0.0f;  // lane i < 16: the scale of the warp's row i (the stores' rows)
+  if constexpr (kScaleRows) {
+    const int r = row_base + warp * 16 + lane % 16;
+    if (r < tile.row_end) row_scale = __ldg(a.row_weights + __ldg(a.row_map + r));
+  }
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     // 1. accumulators -> staging (columns [pass * kPassCols, +kPassCols) of the tile's output)
@@ -145,10 +157,11 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
     for (int j = 0; j < 8; ++j) {
       const int row = warp * 16 + 2 * j + lane / 16;
       const int r = row_base + row;
+      float s = 0.0f;
+      if constexpr (kScaleRows) s = __shfl_sync(0xffffffffu, row_scale, 2 * j + lane / 16);  // every lane
       if (in_tile && r < tile.row_end && col < a.n_out) {
         const uint4 v = staged_chunk(buf, row, chunk);
         if constexpr (kScaleRows) {
-          const float s = __ldg(a.row_weights + __ldg(a.row_map + r));
           const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
           if constexpr (sizeof(OutT) == 2) {
             __nv_bfloat162 *dst = reinterpret_cast<__nv_bfloat162 *>(y + (int64_t)r * a.n_out + col);
