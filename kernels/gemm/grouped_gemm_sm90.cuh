@@ -187,7 +187,7 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
 template <int BN, int kStages>
 constexpr size_t smem_bytes() {
   return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * 64 * kStageRowBytes +
-         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int32_t) + 1024;
+         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 1024;
 }
 
 // kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
@@ -210,7 +210,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][64][256 B]
   uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * 64 * kStageRowBytes);
   uint64_t *empty = full + kStages;
-  int32_t *stage_tile = reinterpret_cast<int32_t *>(empty + kStages);  // tile of each stage, -1 = stop
+  // Each stage's tile as the producer decoded it: {t (-1 = stop), row0, row_end, col_block}. The
+  // consumers decoded it again at every tile start, two dependent global loads and two divisions
+  // before their first WGMMA (the MLA kernel publishes its tiles the same way, 7afb15b).
+  int4 *stage_info = reinterpret_cast<int4 *>(empty + kStages);  // 16-byte aligned: 2 * kStages words of 8 bytes
 
   const int warpgroup = threadIdx.x / 128;
   const int col_blocks = (a.n_out + kColsPerTile - 1) / kColsPerTile;
@@ -243,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (t >= total) {
           // No bytes: the phase completes on this arrival alone and tells the consumers to stop.
           sm90::mbar_wait(&empty[stage], phase ^ 1);
-          stage_tile[stage] = -1;
+          stage_info[stage].x = -1;
           sm90::mbar_arrive(&full[stage]);
           break;
         }
@@ -259,7 +262,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2));
         for (int kb = kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
-          stage_tile[stage] = t;  // published by the arrive below (release), read after the wait (acquire)
+          // Published by the arrive below (release), read after the consumers' wait (acquire).
+          stage_info[stage] = make_int4(t, tile.row0, tile.row_end, tile.col_block);
           sm90::mbar_arrive_expect_tx(&full[stage], stage_bytes);
           sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
           if (second_half) {
@@ -289,10 +293,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      const int t = sm90::read_stage_tile(stage_tile, stage, lane);
+      const int4 info = stage_info[stage];  // every lane the same 16 bytes (a broadcast)
+      const int t = info.x;
       if (t < 0) break;
       const int split = kSplitK ? t % a.split_k : 0;
-      const Tile tile = decode_tile(a, kSplitK ? t / a.split_k : t, col_blocks);
+      const Tile tile{-1, info.y, info.z, info.w};  // the expert: the producer's business only
       const int kb_begin = kSplitK ? split * a.kb_per_split : 0;
       // The host keeps every split non-empty.
       const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
