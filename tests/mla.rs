@@ -319,6 +319,7 @@ fn gpu_decompress_strided_outputs() {
 
 /// A paged cache holding the given token rows for sequences of random lengths (some empty) at
 /// random unaligned starts, through a randomly permuted block table; every other slot is NaN.
+#[derive(Clone)]
 struct Paged {
     cache: Vec<bf16>,
     block_table: Vec<i32>,
@@ -400,6 +401,23 @@ fn decompress_paged(
     w: &[f32],
     imp: Implementation,
 ) -> (Vec<f32>, Vec<f32>) {
+    let mut ws = MlaWorkspace::new(ctx.stream(), &dims, tokens).unwrap();
+    decompress_paged_with(ctx, dims, cache, pg, block_size, tokens, w, imp, &mut ws)
+}
+
+/// [`decompress_paged`] with the caller's workspace (kept across calls).
+#[allow(clippy::too_many_arguments)]
+fn decompress_paged_with(
+    ctx: &Context,
+    dims: MlaDims,
+    cache: &CudaSlice<bf16>,
+    pg: &Paged,
+    block_size: usize,
+    tokens: usize,
+    w: &[f32],
+    imp: Implementation,
+    ws: &mut MlaWorkspace,
+) -> (Vec<f32>, Vec<f32>) {
     let s = ctx.stream();
     let table = upload(s, &pg.block_table).unwrap();
     let cu = upload(s, &pg.cu_seqlens).unwrap();
@@ -407,7 +425,6 @@ fn decompress_paged(
     let w = s.clone_htod(&to_bf16(w)).unwrap();
     let p = DecompressProblem::new(dims, tokens).implementation(imp);
     let (mut k, mut v) = outputs(ctx, &p, 0);
-    let mut ws = MlaWorkspace::new(s, &dims, tokens).unwrap();
     let source = LatentSource::Paged(PagedCache {
         cache: cache.slice(..),
         block_size,
@@ -416,7 +433,7 @@ fn decompress_paged(
         cu_seqlens: cu.slice(..pg.cu_seqlens.len()),
         seq_starts: Some(starts.slice(..pg.seq_starts.len())),
     });
-    decompress(s, &p, &source, &w, &mut k, &mut v, &mut ws).unwrap();
+    decompress(s, &p, &source, &w, &mut k, &mut v, ws).unwrap();
     let kn = tokens * dims.heads * dims.k_head_dim();
     let vn = tokens * dims.heads * dims.v_head_dim;
     (host(ctx, &k)[..kn].to_vec(), host(ctx, &v)[..vn].to_vec())
@@ -508,6 +525,7 @@ fn gpu_decompress_unmapped_tokens_are_zero() {
     let d = MlaDims::deepseek_v3(16);
     let inp = Inputs::new(d, 90, seed);
     let mut pg = paged(&inp.cache_rows(), d.cache_row(), &lens, block_size, seed);
+    let fully_mapped = pg.clone();
     // Sequence 1's first block id points past the cache: the tokens it holds read nothing.
     let s1_start = pg.seq_starts[1] as usize;
     let s1_first_block = s1_start / block_size;
@@ -535,6 +553,35 @@ fn gpu_decompress_unmapped_tokens_are_zero() {
                 );
             }
         }
+    }
+    // The same through a workspace that a fully mapped call has filled first: the zero rows are
+    // written by the gather, not inherited from a fresh allocation.
+    let cache = ctx.stream().clone_htod(&pg.cache).unwrap();
+    let mut ws = MlaWorkspace::new(ctx.stream(), &d, tokens).unwrap();
+    let i = Implementation::Wgmma;
+    let _ = decompress_paged_with(
+        &ctx,
+        d,
+        &cache,
+        &fully_mapped,
+        block_size,
+        90,
+        &inp.w,
+        i,
+        &mut ws,
+    );
+    let (k, v) =
+        decompress_paged_with(&ctx, d, &cache, &pg, block_size, tokens, &inp.w, i, &mut ws);
+    let (kd, vd) = (d.heads * d.k_head_dim(), d.heads * d.v_head_dim);
+    for t in (40..tokens).filter(|&t| t >= 90 || (s1_start + t - 40) / block_size == s1_first_block)
+    {
+        assert!(
+            k[t * kd..(t + 1) * kd]
+                .iter()
+                .chain(&v[t * vd..(t + 1) * vd])
+                .all(|&x| x == 0.0),
+            "reused workspace seed={seed}: unmapped token {t} is not zero"
+        );
     }
 }
 

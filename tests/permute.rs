@@ -438,6 +438,33 @@ fn permute_moves_rows_exactly() {
         0xEEu8,
         "fp8 H=16384 1x128 scales",
     );
+    // Rows of 513 16-byte vectors (two uneven slices, 257 + 256) and of 1536 (three slices)
+    for h in [4104, 12288] {
+        let x: Vec<bf16> = normal(150 * h).into_iter().map(bf16::from_f32).collect();
+        check_permute(
+            &ctx,
+            &PlanConfig::new(150, 4, 32).align(16),
+            h,
+            None,
+            x,
+            bf16::from_f32(-77.0),
+            &format!("bf16 H={h} (sliced rows)"),
+        );
+    }
+    // 1100 tokens x 8 copies of 8 KB rows: 72 MB of copies, past L2, so the streaming stores
+    let x: Vec<bf16> = normal(1100 * 4096)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    check_permute(
+        &ctx,
+        &PlanConfig::new(1100, 8, 64),
+        4096,
+        None,
+        x,
+        bf16::from_f32(-77.0),
+        "bf16 H=4096 T=1100 k=8 (streaming stores)",
+    );
     // E = 1, k = 1: every token to the one expert
     let x = normal(50 * 64);
     check_permute(

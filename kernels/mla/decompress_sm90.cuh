@@ -239,6 +239,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         // while the consumers compute it (the consumers did this in their epilogue, where it
         // delayed the next tile's MMAs). 128 rows x 8 16-byte chunks per tile over 96 threads,
         // four loads in flight per thread.
+        // k_pe may be the gather kernel's output, written while this grid was already launched:
+        // plain L2 loads (ld.global.cg), not the read-only path, which assumes data constant for
+        // the kernel's whole life.
         const int q = p - 32;
         const int lane = p % 32;
         const int rope_chunks = a.d_rope / 8;
@@ -260,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               const int row = job >> 3, c = job & 7;
               const int64_t src = (job < kBlockM * 8 && c < rope_chunks) ? source_row(a, tile.m0 + row) : -1;
               v[u] = src < 0 ? make_uint4(0, 0, 0, 0)
-                             : __ldg(reinterpret_cast<const uint4 *>(a.k_pe + src * a.k_pe_stride) + c);
+                             : __ldcg(reinterpret_cast<const uint4 *>(a.k_pe + src * a.k_pe_stride) + c);
             }
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
