@@ -67,16 +67,16 @@ __device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int 
 // Blocks [0, token_blocks) scatter tokens, one warp per (token, slice): a row is cut into
 // `slices` equal runs of vectors (the launcher picks one slice per load pass of the warp); the
 // remaining blocks zero the padding rows, one warp per (expert, padding slot) candidate.
-template <int VW, int kUnroll, bool kStreaming = false>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int VW, int kUnroll, bool kStreaming = false, int kBlockWarps = kWarps>
+__global__ void __launch_bounds__(kBlockWarps * 32)
     permute_kernel(const moekit_permute_params p, const int64_t token_blocks, const int slices) {
-  __shared__ int rows_smem[kWarps][32];
+  __shared__ int rows_smem[kBlockWarps][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t n_vec = p.row_bytes / VW;
   const int64_t scale_words = p.scale_bytes / 4;
   if (blockIdx.x < token_blocks) {
-    const int64_t item = (int64_t)blockIdx.x * kWarps + warp;
+    const int64_t item = (int64_t)blockIdx.x * kBlockWarps + warp;
     // 64-bit division only for sliced rows: with it, one-slice rows measured +1.4..+5% (the
     // index math sits on each warp's path to its first load; run 23 call 11).
     const int64_t t = slices == 1 ? item : item / slices;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     return;
   }
-  const int64_t f = (blockIdx.x - token_blocks) * kWarps + warp;
+  const int64_t f = (blockIdx.x - token_blocks) * kBlockWarps + warp;
   const int64_t pads = (int64_t)p.num_local * (p.align - 1);
   if (f >= pads) return;
   const int e = (int)(f / (p.align - 1));
@@ -185,16 +185,37 @@ int slices_per_row(const moekit_permute_params &p) {
   return (int)std::max<int64_t>(1, ceil_div(p.row_bytes / VW, (int64_t)32 * kUnroll));
 }
 
-template <int VW, int kUnroll = 4, bool kStreaming = false>
-moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
+template <int VW, int kUnroll, bool kStreaming, int kBlockWarps>
+moekit_status run_with(const moekit_permute_params &p, moekit_stream stream) {
   const int slices = slices_per_row<VW, kUnroll>(p);
-  const int64_t token_blocks = ceil_div(p.tokens * slices, kWarps);
-  const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kWarps);
+  const int64_t token_blocks = ceil_div(p.tokens * slices, kBlockWarps);
+  const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kBlockWarps);
   const int64_t blocks = token_blocks + pad_blocks;
   if (blocks == 0) return MOEKIT_OK;
   if (blocks > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
-  permute_kernel<VW, kUnroll, kStreaming><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p, token_blocks, slices);
+  permute_kernel<VW, kUnroll, kStreaming, kBlockWarps>
+      <<<(unsigned)blocks, kBlockWarps * 32, 0, stream>>>(p, token_blocks, slices);
   return last_launch_status();
+}
+
+// EXPERIMENT: MOEKIT_PERMUTE_BLOCK_WARPS=4 or 16 instead of 8 warps per block. Why: at 91
+// registers (16 vectors per lane) 8-warp blocks fit 2 per SM (16 warps); 4-warp blocks fit 5 (20
+// warps) with a finer last wave (ncu, run 23 call 6: 25% occupancy, DRAM 77% busy).
+static int block_warps() {
+  static const int v = [] {
+    const char *s = getenv("MOEKIT_PERMUTE_BLOCK_WARPS");
+    return s == nullptr ? kWarps : atoi(s);
+  }();
+  return v;
+}
+
+template <int VW, int kUnroll = 4, bool kStreaming = false>
+moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
+  switch (block_warps()) {
+    case 4: return run_with<VW, kUnroll, kStreaming, 4>(p, stream);
+    case 16: return run_with<VW, kUnroll, kStreaming, 16>(p, stream);
+    default: return run_with<VW, kUnroll, kStreaming, kWarps>(p, stream);
+  }
 }
 
 }  // namespace permute
