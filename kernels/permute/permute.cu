@@ -185,8 +185,8 @@ int slices_per_row(const moekit_permute_params &p) {
   return (int)std::max<int64_t>(1, ceil_div(p.row_bytes / VW, (int64_t)32 * kUnroll));
 }
 
-template <int VW, int kUnroll, bool kStreaming, int kBlockWarps>
-moekit_status run_with(const moekit_permute_params &p, moekit_stream stream) {
+template <int VW, int kUnroll = 4, bool kStreaming = false, int kBlockWarps = kWarps>
+moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   const int slices = slices_per_row<VW, kUnroll>(p);
   const int64_t token_blocks = ceil_div(p.tokens * slices, kBlockWarps);
   const int64_t pad_blocks = ceil_div((int64_t)p.num_local * (p.align - 1), kBlockWarps);
@@ -196,26 +196,6 @@ moekit_status run_with(const moekit_permute_params &p, moekit_stream stream) {
   permute_kernel<VW, kUnroll, kStreaming, kBlockWarps>
       <<<(unsigned)blocks, kBlockWarps * 32, 0, stream>>>(p, token_blocks, slices);
   return last_launch_status();
-}
-
-// EXPERIMENT: MOEKIT_PERMUTE_BLOCK_WARPS=4 or 16 instead of 8 warps per block. Why: at 91
-// registers (16 vectors per lane) 8-warp blocks fit 2 per SM (16 warps); 4-warp blocks fit 5 (20
-// warps) with a finer last wave (ncu, run 23 call 6: 25% occupancy, DRAM 77% busy).
-static int block_warps() {
-  static const int v = [] {
-    const char *s = getenv("MOEKIT_PERMUTE_BLOCK_WARPS");
-    return s == nullptr ? kWarps : atoi(s);
-  }();
-  return v;
-}
-
-template <int VW, int kUnroll = 4, bool kStreaming = false>
-moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
-  switch (block_warps()) {
-    case 4: return run_with<VW, kUnroll, kStreaming, 4>(p, stream);
-    case 16: return run_with<VW, kUnroll, kStreaming, 16>(p, stream);
-    default: return run_with<VW, kUnroll, kStreaming, kWarps>(p, stream);
-  }
 }
 
 }  // namespace permute
@@ -254,7 +234,12 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
     if (p->row_bytes > 32 * 16 * 8) {
       return streaming ? run<16, 16, true>(*p, stream) : run<16, 16>(*p, stream);
     }
-    return streaming ? run<16, 8, true>(*p, stream) : run<16, 8>(*p, stream);
+    // Rows of at most 4 KB run in 4-warp blocks: with 8 vectors per lane the kernel needs fewer
+    // registers, 4-warp blocks pack more warps per SM and the last wave is finer. Measured (H200,
+    // BENCHMARKS.md run 24 call 2, 4 against 8 warps, best of 3): Qwen3 T=16384 163.0 -> 157.5 us,
+    // T=4096 37.0 -> 37.0; the 16-vector path did not gain (DeepSeek-V3 T=16384 551.3 -> 553.7,
+    // Mixtral 105.4 -> 105.5), so it keeps 8.
+    return streaming ? run<16, 8, true, 4>(*p, stream) : run<16, 8, false, 4>(*p, stream);
   }
   if (bits % 8 == 0) return run<8>(*p, stream);
   if (bits % 4 == 0) return run<4>(*p, stream);
