@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      const int4 info = stage_info[stage];  // every lane the same 16 bytes (a broadcast)
+      const int4 info = sm90::read_stage_info(stage_info, stage, lane);
       const int t = info.x;
       if (t < 0) break;
       const int split = kSplitK ? t % a.split_k : 0;
