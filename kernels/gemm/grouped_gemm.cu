@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "device/launch.cuh"
@@ -81,24 +82,58 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
   return std::min<int64_t>(p.max_tiles, ceil_div(p.rows, p.block_m) + p.num_local);
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
-  const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  // Clusters load W in halves of BN/2 rows (each CTA one half, multicast); SwiGLU always does.
+  const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU || kCluster > 1 ? BN / 2 : BN;
   if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, 64) ||
       !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster>;
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
-  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
   MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
-  kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
-  return last_launch_status();
+  if constexpr (kCluster > 1) {
+    // As many clusters as fit at once (a GPC with an odd SM count leaves one SM out), at most one
+    // per tile pair.
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cfg.gridDim = dim3(kCluster * (unsigned)ceil_div(sm_count(), kCluster));
+    int clusters = 0;
+    MOEKIT_TRY(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
+    cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
+    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, a));
+    return MOEKIT_OK;
+  } else {
+    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
+    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
+    return last_launch_status();
+  }
+}
+
+// EXPERIMENT: MOEKIT_GEMM_CLUSTER=2 runs the 128 x 256 kernel as 2-CTA clusters sharing W tiles
+// (produce_pairs), for A/B timing.
+static bool use_w_pairs() {
+  static const bool v = [] {
+    const char *s = getenv("MOEKIT_GEMM_CLUSTER");
+    return s != nullptr && atoi(s) == 2;
+  }();
+  return v;
 }
 
 // Split-K second pass: y[r, :] = sum over splits (in order) of partials[split][r, :], for the rows
@@ -151,7 +186,10 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
-  if (2 * wide_tiles >= sm_count()) return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  if (2 * wide_tiles >= sm_count()) {
+    if (use_w_pairs()) return run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
+    return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
     Args split_args = a;
     split_args.split_k = choose_split_k(p, a, &split_args.kb_per_split);
