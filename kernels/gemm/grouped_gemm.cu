@@ -113,8 +113,11 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     cfg.gridDim = dim3(kCluster * (unsigned)ceil_div(sm_count(), kCluster));
-    int clusters = 0;
-    MOEKIT_TRY(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    // Asked once per kernel (the answer depends only on the device and the kernel's resources).
+    static const int clusters = [&cfg, kernel] {
+      int n = 0;
+      return cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess ? n : 0;
+    }();
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
     cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
     MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, a));
@@ -126,14 +129,21 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   }
 }
 
-// EXPERIMENT: MOEKIT_GEMM_CLUSTER=2 runs the 128 x 256 kernel as 2-CTA clusters sharing W tiles
-// (produce_pairs), for A/B timing.
-static bool use_w_pairs() {
-  static const bool v = [] {
+// Whether the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles (produce_pairs). Measured
+// (H200, BENCHMARKS.md run 24 call 7, pairs against single CTAs, best of 2): K = 7168 DeepSeek-V3
+// gate+up T = 4096 -8.4% (SwiGLU -9.0%; the layer demo 6686 -> 6545 us), T = 16384 +-0.2%;
+// K = 4096 Mixtral SwiGLU T = 16384 -2.3%, plain +0.3%; K = 14336 Mixtral down -1.3%; but
+// K = 2048 DeepSeek-V3 down +2.5%, Qwen3 gate+up +0.2..+1.5% and Qwen3 down (K = 768) +7..+10%:
+// the two CTAs wait on each other at every stage, which short tiles (few k-blocks) do not
+// amortize. So: pairs for K >= 4096. MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for
+// A/B timing).
+static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
+  static const int forced = [] {
     const char *s = getenv("MOEKIT_GEMM_CLUSTER");
-    return s != nullptr && atoi(s) == 2;
+    return s == nullptr ? 0 : atoi(s);
   }();
-  return v;
+  if (forced == 1 || forced == 2) return forced == 2;
+  return p.k >= 4096;
 }
 
 // Split-K second pass: y[r, :] = sum over splits (in order) of partials[split][r, :], for the rows
@@ -187,7 +197,7 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
   if (2 * wide_tiles >= sm_count()) {
-    if (use_w_pairs()) return run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
+    if (use_w_pairs(p)) return run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
     return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {

@@ -13,6 +13,8 @@
 //                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
+// For K >= 4096 the 128 x 256 kernel runs as 2-CTA clusters whose CTAs take consecutive tiles and
+// load half of a shared W tile each, multicast to both (produce_pairs).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp) : the stage may be overwritten.
 // Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
@@ -199,7 +201,7 @@ struct PairMailbox {
   int32_t *claim_box;     // [2] rank 1: the work items
 };
 
-// EXPERIMENT (MOEKIT_GEMM_CLUSTER=2): the producer of one CTA of a 2-CTA cluster sharing W tiles.
+// The producer of one CTA of a 2-CTA cluster sharing W tiles (K >= 4096; grouped_gemm.cu says why).
 // Work item u is the tile pair (2u, 2u + 1) of the single-CTA order; rank r computes tile 2u + r.
 // Consecutive tiles are consecutive M tiles of one expert and column block (decode_tile), so most
 // pairs need the same W tile: then each producer loads half of it (BN/2 rows: for SwiGLU the gate
@@ -210,7 +212,8 @@ struct PairMailbox {
 // freed by the consumers of both CTAs (the peer may multicast into it), so both CTAs run the same
 // number of stages per item. Rank 0 claims items from the global counter and hands each to rank 1
 // through a two-slot mailbox. (The X-multicast cluster of run 19 cut 17% of the L2 bytes and
-// measured -0.5..+6%.)
+// measured -0.5..+6%; this one cuts a third and takes 8-9% off the DeepSeek-V3 gate+up at
+// T = 4096, BENCHMARKS.md run 24.)
 template <int BN, int kStages, int kEpilogue>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
