@@ -217,14 +217,15 @@ struct PairMailbox {
 template <int BN, int kStages, int kEpilogue>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
-                                              uint64_t *empty, int4 *stage_info, const PairMailbox &box,
-                                              int col_blocks, int k_blocks) {
+                                              uint64_t *empty, int4 *stage_info, const PairMailbox &box) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
   constexpr int kColsPerTile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  // Sizes recomputed from the parameters where used: held across the loop they spilled at the
+  // producer's 24 registers.
   const uint32_t rank = sm90::cluster_ctarank();
-  const int total = __ldg(a.num_tiles) * col_blocks;
-  const int items = (total + 1) / 2;
+  auto col_blocks = [&a] { return (a.n_out + kColsPerTile - 1) / kColsPerTile; };
+  auto total = [&a, &col_blocks] { return __ldg(a.num_tiles) * col_blocks(); };
   int stage = 0;
   uint32_t phase = 0;
   for (uint32_t claim = 0;; ++claim) {
@@ -240,18 +241,18 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
       u = box.claim_box[slot];
       sm90::mbar_arrive_cluster(sm90::peer_addr(sm90::smem_addr(&box.claim_empty[slot]), 0));
     }
-    if (u >= items) {
+    if (u >= (total() + 1) / 2) {
       sm90::mbar_wait(&empty[stage], phase ^ 1);
       stage_info[stage].x = -1;
       sm90::mbar_arrive(&full[stage]);
       return;
     }
     const int t = 2 * u + (int)rank;
-    const bool mine = t < total;
-    const Tile tile = mine ? decode_tile(a, t, col_blocks) : Tile{-1, 0, 0, 0};
+    const bool mine = t < total();
+    const Tile tile = mine ? decode_tile(a, t, col_blocks()) : Tile{-1, 0, 0, 0};
     bool shared = false;  // the same on both ranks
-    if (2 * u + 1 < total) {
-      const Tile other = decode_tile(a, 2 * u + (int)(rank ^ 1), col_blocks);
+    if (2 * u + 1 < total()) {
+      const Tile other = decode_tile(a, 2 * u + (int)(rank ^ 1), col_blocks());
       shared = other.expert == tile.expert && other.col_block == tile.col_block;
     }
     const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
@@ -259,7 +260,7 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
     const int w_row_1 = w_row + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? a.n / 2 : BN / 2);
     const bool second_half = tile.row0 + 64 < tile.row_end;
     const uint32_t x_bytes = (second_half ? 2u : 1u) * 64 * kBlockK * 2;
-    for (int kb = 0; kb < k_blocks; ++kb) {
+    for (int kb = 0; kb < (a.k + kBlockK - 1) / kBlockK; ++kb) {
       // Both CTAs' consumers have freed this stage: the peer's multicast may land in ours.
       sm90::mbar_wait(&empty[stage], phase ^ 1);
       // Published by the arrive below (release), read after the consumers' wait (acquire). A
@@ -349,8 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kPair && threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
-      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info, mailbox, col_blocks,
-                                            k_blocks);
+      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info, mailbox);
     } else if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
-      const int4 info = stage_info[stage];  // every lane the same 16 bytes (a broadcast)
+      const int4 info = sm90::read_stage_info(stage_info, stage, lane);
       const int t = info.x;
       if (t < 0) break;
       const int split = kSplitK ? t % a.split_k : 0;

@@ -40,6 +40,20 @@ __device__ __forceinline__ int read_stage_tile(const int32_t *stage_tile, int st
   return __shfl_sync(0xffffffffu, t, 0);
 }
 
+// read_stage_tile for a stage's four-word record (the grouped GEMM's decoded tile): lane 0 reads
+// it, shuffles give it to the warp. (Every lane reading the 16 bytes itself was race-free by the
+// memory model, __syncwarp then lane 0's release-arrive, but racecheck reported each read against
+// the producer's next write: 20 reports over the grouped_gemm tests, BENCHMARKS.md run 24.)
+__device__ __forceinline__ int4 read_stage_info(const int4 *stage_info, int stage, int lane) {
+  int4 v = make_int4(0, 0, 0, 0);
+  if (lane == 0) v = stage_info[stage];
+  v.x = __shfl_sync(0xffffffffu, v.x, 0);
+  v.y = __shfl_sync(0xffffffffu, v.y, 0);
+  v.z = __shfl_sync(0xffffffffu, v.z, 0);
+  v.w = __shfl_sync(0xffffffffu, v.w, 0);
+  return v;
+}
+
 // Frees a stage for the producer; call after every lane's reads of it are complete (for WGMMA
 // operands: after the wgmma wait).
 __device__ __forceinline__ void release_stage(uint64_t *empty, int lane) {
