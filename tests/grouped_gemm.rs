@@ -359,6 +359,54 @@ fn deepseek_v3_shapes_against_the_oracle() {
     }
 }
 
+/// K = 4096, where the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles: Zipf routing over
+/// 24 experts gives odd M-tile counts, so some tile pairs straddle two column blocks or two
+/// experts (separate W loads) and the tile total may be odd (a rank without a tile). The WGMMA
+/// kernel against the oracle, for the plain and the SwiGLU epilogue, on a ragged N (384: the last
+/// column block half full).
+#[test]
+fn w_tile_pairs_against_the_oracle() {
+    let Some(ctx) = gpu("w_tile_pairs_against_the_oracle") else {
+        return;
+    };
+    let s = ctx.stream();
+    let seed = fresh_seed();
+    let (t, top_k, e, n, k) = (700, 4, 24, 384, 4096);
+    let ids = routing(&mut rng(seed), t, top_k, e, Routing::Zipf(1.2));
+    let cfg = PlanConfig::new(t, top_k, e).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
+    let rows = cfg.max_rows();
+    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
+    let w = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
+    for (epilogue, n_out) in [(Epilogue::Store, n), (Epilogue::SwiGlu, n / 2)] {
+        let mut got = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
+        let mut want = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
+        let p = GemmProblem::new(n, k).epilogue(epilogue);
+        grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
+        let p = p.implementation(Implementation::Oracle);
+        grouped_gemm(s, &mut plan, &p, &x, &w, &mut want).unwrap();
+        let got: Vec<f32> = s
+            .clone_dtoh(&got)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let want: Vec<f64> = s
+            .clone_dtoh(&want)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f64())
+            .collect();
+        let err = rel_l2_error(&got, &want);
+        assert!(
+            err < 1e-2,
+            "K=4096 N={n} {}: WGMMA vs oracle {err:.3e} (seed {seed})",
+            if n_out == n { "store" } else { "SwiGLU" }
+        );
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let Some(ctx) = gpu("bad_inputs_are_refused") else {
