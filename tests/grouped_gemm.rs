@@ -359,11 +359,12 @@ fn deepseek_v3_shapes_against_the_oracle() {
     }
 }
 
-/// K = 4096, where the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles: Zipf routing over
-/// 24 experts gives odd M-tile counts, so some tile pairs straddle two column blocks or two
-/// experts (separate W loads) and the tile total may be odd (a rank without a tile). The WGMMA
-/// kernel against the oracle, for the plain and the SwiGLU epilogue, on a ragged N (384: the last
-/// column block half full).
+/// K = 4096, where the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles (unless
+/// `MOEKIT_GEMM_CLUSTER=1`). Three column blocks per M tile and an odd M-tile total (Zipf routing
+/// over 24 experts, redrawn until the plan has an odd tile count) give every pair kind: pairs
+/// sharing a W tile, pairs straddling two column blocks or two experts (separate W loads), and a
+/// last pair whose second rank has no tile. The WGMMA kernel against the oracle, for the plain
+/// epilogue on a ragged N (640: the last column block half full) and for SwiGLU (N = 768).
 #[test]
 fn w_tile_pairs_against_the_oracle() {
     let Some(ctx) = gpu("w_tile_pairs_against_the_oracle") else {
@@ -371,15 +372,22 @@ fn w_tile_pairs_against_the_oracle() {
     };
     let s = ctx.stream();
     let seed = fresh_seed();
-    let (t, top_k, e, n, k) = (700, 4, 24, 384, 4096);
-    let ids = routing(&mut rng(seed), t, top_k, e, Routing::Zipf(1.2));
+    let (t, top_k, e, k) = (700, 4, 24, 4096);
     let cfg = PlanConfig::new(t, top_k, e).block_m(BLOCK_M);
+    let mut r = rng(seed);
+    let ids = loop {
+        let ids = routing(&mut r, t, top_k, e, Routing::Zipf(1.2));
+        if routing_plan(&cfg, &ids, t).tiles.len() % 2 == 1 {
+            break ids;
+        }
+    };
     let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
     plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
     let rows = cfg.max_rows();
     let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
-    let w = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
-    for (epilogue, n_out) in [(Epilogue::Store, n), (Epilogue::SwiGlu, n / 2)] {
+    for (epilogue, n, n_out) in [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)] {
+        let w =
+            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
         let mut got = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
         let mut want = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
         let p = GemmProblem::new(n, k).epilogue(epilogue);

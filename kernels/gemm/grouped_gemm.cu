@@ -97,10 +97,10 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
-  MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
   if constexpr (kCluster > 1) {
     // As many clusters as fit at once (a GPC with an odd SM count leaves one SM out), at most one
-    // per tile pair.
+    // per tile pair; asked once per device (-1: the query failed or none fit, and the caller
+    // falls back to single CTAs).
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -113,16 +113,24 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     cfg.gridDim = dim3(kCluster * (unsigned)ceil_div(sm_count(), kCluster));
-    // Asked once per kernel (the answer depends only on the device and the kernel's resources).
-    static const int clusters = [&cfg, kernel] {
-      int n = 0;
-      return cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess ? n : 0;
-    }();
+    static int cached[64] = {0};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return MOEKIT_ERR_UNSUPPORTED;
+    int clusters = dev < 64 ? cached[dev] : 0;
+    if (clusters == 0) {
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+        (void)cudaGetLastError();  // not left for an unrelated launch's status check
+        clusters = -1;
+      }
+      if (dev < 64) cached[dev] = clusters;
+    }
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
+    MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
     MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, a));
     return MOEKIT_OK;
   } else {
+    MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
     kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
     return last_launch_status();
@@ -197,7 +205,10 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
   if (2 * wide_tiles >= sm_count()) {
-    if (use_w_pairs(p)) return run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
+    if (use_w_pairs(p)) {
+      const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
+      if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;  // else: no cluster fits; single CTAs
+    }
     return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {

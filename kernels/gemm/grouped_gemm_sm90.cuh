@@ -194,12 +194,19 @@ constexpr size_t smem_bytes() {
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 4 * sizeof(uint64_t) + 2 * sizeof(int32_t) + 1024;
 }
 
-// The shared memory a 2-CTA cluster's producers coordinate through (each CTA has its own copy).
+// The shared memory a 2-CTA cluster's producers coordinate through (each CTA has its own copy),
+// right after the stage records. Derived from them where used: held as three pointers across the
+// producer's loop, they spilled at its 24 registers.
 struct PairMailbox {
   uint64_t *claim_full;   // [2] rank 1: a work item claimed by rank 0 is in claim_box
   uint64_t *claim_empty;  // [2] rank 0: rank 1 has read that slot
   int32_t *claim_box;     // [2] rank 1: the work items
 };
+template <int kStages>
+__device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
+  uint64_t *bars = reinterpret_cast<uint64_t *>(stage_info + kStages);
+  return PairMailbox{bars, bars + 2, reinterpret_cast<int32_t *>(bars + 4)};
+}
 
 // The producer of one CTA of a 2-CTA cluster sharing W tiles (K >= 4096; grouped_gemm.cu says why).
 // Work item u is the tile pair (2u, 2u + 1) of the single-CTA order; rank r computes tile 2u + r.
@@ -217,7 +224,7 @@ struct PairMailbox {
 template <int BN, int kStages, int kEpilogue>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
-                                              uint64_t *empty, int4 *stage_info, const PairMailbox &box) {
+                                              uint64_t *empty, int4 *stage_info) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
   constexpr int kColsPerTile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
@@ -231,6 +238,7 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
   for (uint32_t claim = 0;; ++claim) {
     const uint32_t slot = claim & 1, parity = (claim >> 1) & 1;
     int u;
+    const PairMailbox box = pair_mailbox<kStages>(stage_info);
     if (rank == 0) {
       sm90::mbar_wait_cluster(&box.claim_empty[slot], parity ^ 1);  // rank 1 has read this slot's last item
       u = atomicAdd(a.tile_counter, 1);
@@ -315,10 +323,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // consumers decoded it again at every tile start, two dependent global loads and two divisions
   // before their first WGMMA (the MLA kernel publishes its tiles the same way, 7afb15b).
   int4 *stage_info = reinterpret_cast<int4 *>(empty + kStages);  // 16-byte aligned: 2 * kStages words of 8 bytes
-  uint64_t *claim_bars = reinterpret_cast<uint64_t *>(stage_info + kStages);
-  const PairMailbox mailbox{claim_bars, claim_bars + 2, reinterpret_cast<int32_t *>(claim_bars + 4)};
   static_assert(kCluster == 1 || (kCluster == 2 && !kSplitK), "clusters of 2 CTAs, without split-K");
   constexpr bool kPair = kCluster == 2;
+  // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
+  // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
   constexpr int kProducerRegs = 24;
   constexpr int kConsumerRegs = 240;
 
@@ -331,8 +339,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbar_init(&empty[s], kConsumers * 4 * kCluster);  // lane 0 of each consumer warp (of the cluster)
     }
     for (int i = 0; i < 2; ++i) {
-      sm90::mbar_init(&mailbox.claim_full[i], 1);
-      sm90::mbar_init(&mailbox.claim_empty[i], 1);
+      sm90::mbar_init(&pair_mailbox<kStages>(stage_info).claim_full[i], 1);
+      sm90::mbar_init(&pair_mailbox<kStages>(stage_info).claim_empty[i], 1);
     }
     sm90::fence_barrier_init();
   }
@@ -350,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kPair && threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
-      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info, mailbox);
+      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info);
     } else if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
