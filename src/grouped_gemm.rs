@@ -14,8 +14,10 @@
 //! down projection, so combine becomes a plain sum).
 //!
 //! The kernel is a persistent, warp-specialized sm_90a kernel (TMA producer, two WGMMA consumer
-//! warpgroups, 128 × 256 tiles); [`Implementation::Oracle`] runs a plain FMA kernel that tests use
-//! as a second opinion.
+//! warpgroups, 128 × 256 tiles; for K ≥ 4096 as 2-CTA clusters whose CTAs each load half of a
+//! shared weight tile, multicast to both; `MOEKIT_GEMM_CLUSTER=1`/`2` forces single CTAs or
+//! clusters); [`Implementation::Oracle`] runs a plain FMA kernel that tests use as a second
+//! opinion.
 
 use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;

@@ -359,6 +359,62 @@ fn deepseek_v3_shapes_against_the_oracle() {
     }
 }
 
+/// K = 4096, where the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles (unless
+/// `MOEKIT_GEMM_CLUSTER=1`). Three column blocks per M tile and an odd M-tile total (Zipf routing
+/// over 24 experts, redrawn until the plan has an odd tile count) give every pair kind: pairs
+/// sharing a W tile, pairs straddling two column blocks or two experts (separate W loads), and a
+/// last pair whose second rank has no tile. The WGMMA kernel against the oracle, for the plain
+/// epilogue on a ragged N (640: the last column block half full) and for SwiGLU (N = 768).
+#[test]
+fn w_tile_pairs_against_the_oracle() {
+    let Some(ctx) = gpu("w_tile_pairs_against_the_oracle") else {
+        return;
+    };
+    let s = ctx.stream();
+    let seed = fresh_seed();
+    let (t, top_k, e, k) = (700, 4, 24, 4096);
+    let cfg = PlanConfig::new(t, top_k, e).block_m(BLOCK_M);
+    let mut r = rng(seed);
+    let ids = loop {
+        let ids = routing(&mut r, t, top_k, e, Routing::Zipf(1.2));
+        if routing_plan(&cfg, &ids, t).tiles.len() % 2 == 1 {
+            break ids;
+        }
+    };
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
+    let rows = cfg.max_rows();
+    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
+    for (epilogue, n, n_out) in [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)] {
+        let w =
+            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
+        let mut got = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
+        let mut want = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
+        let p = GemmProblem::new(n, k).epilogue(epilogue);
+        grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
+        let p = p.implementation(Implementation::Oracle);
+        grouped_gemm(s, &mut plan, &p, &x, &w, &mut want).unwrap();
+        let got: Vec<f32> = s
+            .clone_dtoh(&got)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let want: Vec<f64> = s
+            .clone_dtoh(&want)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f64())
+            .collect();
+        let err = rel_l2_error(&got, &want);
+        assert!(
+            err < 1e-2,
+            "K=4096 N={n} {}: WGMMA vs oracle {err:.3e} (seed {seed})",
+            if n_out == n { "store" } else { "SwiGLU" }
+        );
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let Some(ctx) = gpu("bad_inputs_are_refused") else {

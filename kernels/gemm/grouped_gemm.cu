@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "device/launch.cuh"
@@ -81,24 +82,76 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
   return std::min<int64_t>(p.max_tiles, ceil_div(p.rows, p.block_m) + p.num_local);
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w;
-  const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  // Clusters load W in halves of BN/2 rows (each CTA one half, multicast); SwiGLU always does.
+  const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU || kCluster > 1 ? BN / 2 : BN;
   if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, 64) ||
       !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster>;
   constexpr size_t smem = smem_bytes<BN, kStages>();
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
-  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
-  MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
-  kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
-  return last_launch_status();
+  if constexpr (kCluster > 1) {
+    // As many clusters as fit at once (a GPC with an odd SM count leaves one SM out), at most one
+    // per tile pair; asked once per device (-1: the query failed or none fit, and the caller
+    // falls back to single CTAs).
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cfg.gridDim = dim3(kCluster * (unsigned)ceil_div(sm_count(), kCluster));
+    static int cached[64] = {0};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return MOEKIT_ERR_UNSUPPORTED;
+    int clusters = dev < 64 ? cached[dev] : 0;
+    if (clusters == 0) {
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+        (void)cudaGetLastError();  // not left for an unrelated launch's status check
+        clusters = -1;
+      }
+      if (dev < 64) cached[dev] = clusters;
+    }
+    if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
+    MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
+    cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
+    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, a));
+    return MOEKIT_OK;
+  } else {
+    MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
+    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
+    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
+    return last_launch_status();
+  }
+}
+
+// Whether the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles (produce_pairs). Measured
+// (H200, BENCHMARKS.md run 24 call 7, pairs against single CTAs, best of 2): K = 7168 DeepSeek-V3
+// gate+up T = 4096 -8.4% (SwiGLU -9.0%; the layer demo 6686 -> 6545 us), T = 16384 +-0.2%;
+// K = 4096 Mixtral SwiGLU T = 16384 -2.3%, plain +0.3%; K = 14336 Mixtral down -1.3%; but
+// K = 2048 DeepSeek-V3 down +2.5%, Qwen3 gate+up +0.2..+1.5% and Qwen3 down (K = 768) +7..+10%:
+// the two CTAs wait on each other at every stage, which short tiles (few k-blocks) do not
+// amortize. So: pairs for K >= 4096. MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for
+// A/B timing).
+static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
+  static const int forced = [] {
+    const char *s = getenv("MOEKIT_GEMM_CLUSTER");
+    return s == nullptr ? 0 : atoi(s);
+  }();
+  if (forced == 1 || forced == 2) return forced == 2;
+  return p.k >= 4096;
 }
 
 // Split-K second pass: y[r, :] = sum over splits (in order) of partials[split][r, :], for the rows
@@ -151,7 +204,13 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
-  if (2 * wide_tiles >= sm_count()) return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  if (2 * wide_tiles >= sm_count()) {
+    if (use_w_pairs(p)) {
+      const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
+      if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;  // else: no cluster fits; single CTAs
+    }
+    return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
+  }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
     Args split_args = a;
     split_args.split_k = choose_split_k(p, a, &split_args.kb_per_split);

@@ -13,6 +13,8 @@
 //                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
 //                    then writes its rows straight from the accumulators (with the epilogue).
+// For K >= 4096 the 128 x 256 kernel runs as 2-CTA clusters whose CTAs take consecutive tiles and
+// load half of a shared W tile each, multicast to both (produce_pairs).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp) : the stage may be overwritten.
 // Tiles come from the routing plan's device-side list of (expert, first row) M tiles; tile t maps
@@ -31,6 +33,7 @@
 
 #include "device/fast_math.cuh"
 #include "device/sm90.cuh"
+#include "device/sm90_cluster.cuh"
 #include "device/staging.cuh"
 #include "device/wgmma_ops.cuh"
 #include "moekit/grouped_gemm.h"
@@ -186,13 +189,119 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
 
 template <int BN, int kStages>
 constexpr size_t smem_bytes() {
+  // + the cluster's claim mailbox: 4 barriers and 2 work-item ids (unused without clusters).
   return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * 64 * kStageRowBytes +
-         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 1024;
+         2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 4 * sizeof(uint64_t) + 2 * sizeof(int32_t) + 1024;
+}
+
+// The shared memory a 2-CTA cluster's producers coordinate through (each CTA has its own copy),
+// right after the stage records. Derived from them where used: held as three pointers across the
+// producer's loop, they spilled at its 24 registers.
+struct PairMailbox {
+  uint64_t *claim_full;   // [2] rank 1: a work item claimed by rank 0 is in claim_box
+  uint64_t *claim_empty;  // [2] rank 0: rank 1 has read that slot
+  int32_t *claim_box;     // [2] rank 1: the work items
+};
+template <int kStages>
+__device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
+  uint64_t *bars = reinterpret_cast<uint64_t *>(stage_info + kStages);
+  return PairMailbox{bars, bars + 2, reinterpret_cast<int32_t *>(bars + 4)};
+}
+
+// The producer of one CTA of a 2-CTA cluster sharing W tiles (K >= 4096; grouped_gemm.cu says why).
+// Work item u is the tile pair (2u, 2u + 1) of the single-CTA order; rank r computes tile 2u + r.
+// Consecutive tiles are consecutive M tiles of one expert and column block (decode_tile), so most
+// pairs need the same W tile: then each producer loads half of it (BN/2 rows: for SwiGLU the gate
+// half or the up half) and multicasts it into both CTAs' stage, and L2 serves each W tile once
+// per pair instead of once per tile (32 instead of 48 KB per k-block per CTA). A pair that
+// straddles two column blocks or experts (an odd M-tile count) loads its W tiles separately; a
+// rank past the last tile arrives with no bytes and its consumers skip the math. Every stage is
+// freed by the consumers of both CTAs (the peer may multicast into it), so both CTAs run the same
+// number of stages per item. Rank 0 claims items from the global counter and hands each to rank 1
+// through a two-slot mailbox. (The X-multicast cluster of run 19 cut 17% of the L2 bytes and
+// measured -0.5..+6%; this one cuts a third and takes 8-9% off the DeepSeek-V3 gate+up at
+// T = 4096, BENCHMARKS.md run 24.)
+template <int BN, int kStages, int kEpilogue>
+__device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
+                                              __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
+                                              uint64_t *empty, int4 *stage_info) {
+  constexpr int kTileA = kBlockM * kBlockK;
+  constexpr int kTileB = BN * kBlockK;
+  constexpr int kColsPerTile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  // Sizes recomputed from the parameters where used: held across the loop they spilled at the
+  // producer's 24 registers.
+  const uint32_t rank = sm90::cluster_ctarank();
+  auto col_blocks = [&a] { return (a.n_out + kColsPerTile - 1) / kColsPerTile; };
+  auto total = [&a, &col_blocks] { return __ldg(a.num_tiles) * col_blocks(); };
+  int stage = 0;
+  uint32_t phase = 0;
+  for (uint32_t claim = 0;; ++claim) {
+    const uint32_t slot = claim & 1, parity = (claim >> 1) & 1;
+    int u;
+    const PairMailbox box = pair_mailbox<kStages>(stage_info);
+    if (rank == 0) {
+      sm90::mbar_wait_cluster(&box.claim_empty[slot], parity ^ 1);  // rank 1 has read this slot's last item
+      u = atomicAdd(a.tile_counter, 1);
+      sm90::st_cluster_u32(sm90::peer_addr(sm90::smem_addr(&box.claim_box[slot]), 1), (uint32_t)u);
+      sm90::mbar_arrive_cluster(sm90::peer_addr(sm90::smem_addr(&box.claim_full[slot]), 1));
+    } else {
+      sm90::mbar_wait_cluster(&box.claim_full[slot], parity);  // acquires rank 0's remote store
+      u = box.claim_box[slot];
+      sm90::mbar_arrive_cluster(sm90::peer_addr(sm90::smem_addr(&box.claim_empty[slot]), 0));
+    }
+    if (u >= (total() + 1) / 2) {
+      sm90::mbar_wait(&empty[stage], phase ^ 1);
+      stage_info[stage].x = -1;
+      sm90::mbar_arrive(&full[stage]);
+      return;
+    }
+    const int t = 2 * u + (int)rank;
+    const bool mine = t < total();
+    const Tile tile = mine ? decode_tile(a, t, col_blocks()) : Tile{-1, 0, 0, 0};
+    bool shared = false;  // the same on both ranks
+    if (2 * u + 1 < total()) {
+      const Tile other = decode_tile(a, 2 * u + (int)(rank ^ 1), col_blocks());
+      shared = other.expert == tile.expert && other.col_block == tile.col_block;
+    }
+    const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
+    // The W tile's two halves: SwiGLU pairs BN/2 gate rows with the matching BN/2 up rows.
+    const int w_row_1 = w_row + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? a.n / 2 : BN / 2);
+    const bool second_half = tile.row0 + 64 < tile.row_end;
+    const uint32_t x_bytes = (second_half ? 2u : 1u) * 64 * kBlockK * 2;
+    for (int kb = 0; kb < (a.k + kBlockK - 1) / kBlockK; ++kb) {
+      // Both CTAs' consumers have freed this stage: the peer's multicast may land in ours.
+      sm90::mbar_wait(&empty[stage], phase ^ 1);
+      // Published by the arrive below (release), read after the consumers' wait (acquire). A
+      // rank without a tile publishes an empty row range.
+      stage_info[stage] = mine ? make_int4(t, tile.row0, tile.row_end, tile.col_block) : make_int4(0, 0, 0, 0);
+      if (!mine) {
+        sm90::mbar_arrive(&full[stage]);
+      } else {
+        sm90::mbar_arrive_expect_tx(&full[stage], x_bytes + kTileB * 2);
+        sm90::tma_load_2d(sa + stage * kTileA, map_x, kb * kBlockK, tile.row0, &full[stage]);
+        if (second_half) {
+          sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, map_x, kb * kBlockK, tile.row0 + 64, &full[stage]);
+        }
+        __nv_bfloat16 *w_dst = sb + stage * kTileB;
+        if (shared) {
+          sm90::tma_load_2d_multicast(w_dst + rank * (BN / 2) * kBlockK, map_w, kb * kBlockK, rank == 0 ? w_row : w_row_1,
+                                      &full[stage], (uint16_t)0x3);
+        } else {
+          sm90::tma_load_2d(w_dst, map_w, kb * kBlockK, w_row, &full[stage]);
+          sm90::tma_load_2d(w_dst + (BN / 2) * kBlockK, map_w, kb * kBlockK, w_row_1, &full[stage]);
+        }
+      }
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
 }
 
 // kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
 // instantiation: the extra index arithmetic cost the 128 x 256 kernels an 8-byte spill).
-template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false>
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                               const Args a) {
@@ -214,6 +323,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // consumers decoded it again at every tile start, two dependent global loads and two divisions
   // before their first WGMMA (the MLA kernel publishes its tiles the same way, 7afb15b).
   int4 *stage_info = reinterpret_cast<int4 *>(empty + kStages);  // 16-byte aligned: 2 * kStages words of 8 bytes
+  static_assert(kCluster == 1 || (kCluster == 2 && !kSplitK), "clusters of 2 CTAs, without split-K");
+  constexpr bool kPair = kCluster == 2;
+  // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
+  // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
+  constexpr int kProducerRegs = 24;
+  constexpr int kConsumerRegs = 240;
 
   const int warpgroup = threadIdx.x / 128;
   const int col_blocks = (a.n_out + kColsPerTile - 1) / kColsPerTile;
@@ -221,20 +336,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(&full[s], 1);
-      sm90::mbar_init(&empty[s], kConsumers * 4);  // lane 0 of each consumer warp
+      sm90::mbar_init(&empty[s], kConsumers * 4 * kCluster);  // lane 0 of each consumer warp (of the cluster)
+    }
+    for (int i = 0; i < 2; ++i) {
+      sm90::mbar_init(&pair_mailbox<kStages>(stage_info).claim_full[i], 1);
+      sm90::mbar_init(&pair_mailbox<kStages>(stage_info).claim_empty[i], 1);
     }
     sm90::fence_barrier_init();
   }
   __syncthreads();
+  if constexpr (kPair) sm90::cluster_sync();  // both CTAs' barriers exist before any remote use
   if (warpgroup == 0) {
     // Producer: one thread claims tiles and issues every TMA; the others only give their
     // registers away. Tiles are claimed in order from a global counter: CTAs that share a W tile
     // (the M tiles of one expert and column block) start together and stream it through L2 once.
     // (A static round-robin drifted apart: ncu measured 34% L2 hits and 4.1 TB/s of DRAM traffic,
     // 4x the weights, on the DeepSeek-V3 gate+up at T = 16384.)
-    static_assert(sm90::register_split_fits(24, kConsumers, 240), "setmaxnreg would overdraw the CTA's pool");
-    sm90::setmaxnreg_dec<24>();
-    if (threadIdx.x == 0) {
+    static_assert(sm90::register_split_fits(kProducerRegs, kConsumers, kConsumerRegs),
+                  "setmaxnreg would overdraw the CTA's pool");
+    sm90::setmaxnreg_dec<kProducerRegs>();
+    if (kPair && threadIdx.x == 0) {
+      sm90::tma_prefetch_descriptor(&map_x);
+      sm90::tma_prefetch_descriptor(&map_w);
+      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info);
+    } else if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
       const int splits = kSplitK ? a.split_k : 1;
@@ -284,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    sm90::setmaxnreg_inc<240>();
+    sm90::setmaxnreg_inc<kConsumerRegs>();
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
@@ -325,6 +450,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::fence_operands(acc);
         }
         sm90::release_stage(&empty[stage], lane);  // every lane's WGMMA reads are complete (the wait above)
+        if constexpr (kPair) {
+          // The peer's producer may multicast its half of W into this stage too.
+          if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -336,6 +465,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       staging + consumer * 64 * kStageRowBytes);
       }
     }
+  }
+  if constexpr (kPair) {
+    // Neither CTA leaves while its peer may still arrive on its barriers or multicast into it.
+    __syncwarp();
+    sm90::cluster_sync();
   }
 }
 
