@@ -1,10 +1,11 @@
-//! The device bandwidth probe: a 16-byte vectorized device-to-device copy, the memory roofline
-//! every memory-bound kernel of the crate is reported against, and an empty kernel, the floor of
-//! any launch's measured time.
+//! Device probes: a 16-byte vectorized device-to-device copy, the memory roofline every
+//! memory-bound kernel of the crate is reported against; a row reader with the gating kernels'
+//! geometry, the floor of a gate's measured time (reading its logits, no selection); and an empty
+//! kernel, the floor of any launch's measured time.
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::context::{check_status, prepare_launch, raw_stream};
+use crate::context::{check_aligned16, check_status, prepare_launch, raw_stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 
@@ -32,6 +33,62 @@ pub fn copy_bytes(
     // `&mut dst` rules out overlap with `src`.
     let status = unsafe { ffi::moekit_copy_bytes(&params, raw_stream(stream)) };
     check_status(status, "launching the copy probe")
+}
+
+/// Longest row [`read_rows`] takes, in bytes (a 2048-expert f32 logits row).
+pub const READ_ROWS_MAX_BYTES: usize = ffi::MOEKIT_READ_ROWS_MAX_BYTES as usize;
+
+/// Reads `src` as rows of `row_bytes` bytes (row-major, `src.len() / row_bytes` rows) the way the
+/// gating kernels read their logits — one warp per row, four rows per 128-thread block, every
+/// 16-byte vector of a row loaded at once — and writes `dst[row]` = the XOR of the row's
+/// little-endian 32-bit words ([`crate::reference::probe::read_rows`]). The floor under any gate:
+/// the same reads with no selection work.
+///
+/// `row_bytes`: a multiple of 16 from 16 to [`READ_ROWS_MAX_BYTES`] that divides `src.len()`;
+/// `src` 16-byte aligned; `dst` at least one u32 per row.
+pub fn read_rows(
+    stream: &CudaStream,
+    src: &impl DevicePtr<u8>,
+    row_bytes: usize,
+    dst: &mut impl DevicePtrMut<u32>,
+) -> Result<()> {
+    if row_bytes < 16 || row_bytes % 16 != 0 || row_bytes > READ_ROWS_MAX_BYTES {
+        return Err(Error::invalid(
+            "row_bytes",
+            format!("{row_bytes}; must be a multiple of 16 from 16 to {READ_ROWS_MAX_BYTES}"),
+        ));
+    }
+    if src.len() % row_bytes != 0 {
+        return Err(Error::invalid(
+            "src",
+            format!(
+                "{} bytes is not a whole number of {row_bytes}-byte rows",
+                src.len()
+            ),
+        ));
+    }
+    let rows = src.len() / row_bytes;
+    if dst.len() < rows {
+        return Err(Error::shape("dst", format!("at least {rows}"), dst.len()));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    prepare_launch(stream)?;
+    let (src_ptr, _src_guard) = src.device_ptr(stream);
+    let (dst_ptr, _dst_guard) = dst.device_ptr_mut(stream);
+    check_aligned16("src", src_ptr)?;
+    let params = ffi::moekit_read_rows_params {
+        src: src_ptr as *const _,
+        dst: dst_ptr as *mut u32,
+        rows: rows as i64,
+        row_bytes: row_bytes as i32,
+        _pad0: 0,
+    };
+    // SAFETY: src addresses rows x row_bytes bytes (checked above), 16-byte aligned; dst at least
+    // `rows` u32; the guards keep both alive and ordered on `stream` until the launch is enqueued.
+    let status = unsafe { ffi::moekit_read_rows(&params, raw_stream(stream)) };
+    check_status(status, "launching the row-read probe")
 }
 
 /// Launches one block of 32 threads that does nothing.

@@ -78,6 +78,60 @@ fn copy_probe_refuses_mismatched_lengths() {
     assert!(e.to_string().contains("expected 10, got 11"), "{e}");
 }
 
+/// The row-read probe (the gating floor cases) against the CPU XOR of each row, for every
+/// per-lane unroll (rows of 16 B to 8 KB, partial last vectors per lane), row counts that leave a
+/// block partly empty, and a poisoned dst whose entries past the rows must survive.
+#[test]
+fn read_rows_probe_matches_reference() {
+    let Some(ctx) = gpu("read_rows_probe_matches_reference") else {
+        return;
+    };
+    let s = ctx.stream();
+    let seed = fresh_seed();
+    let mut r = rng(seed);
+    for &row_bytes in &[16usize, 48, 512, 1024, 1040, 4096, 8192] {
+        for &rows in &[0usize, 1, 3, 4, 129] {
+            let src: Vec<u8> = (0..rows * row_bytes).map(|_| r.random()).collect();
+            let d_src = upload(s, &src).unwrap();
+            let mut d_dst = upload(s, &vec![0xDEAD_BEEFu32; rows + 2]).unwrap();
+            // (upload allocates at least one byte: the view holds exactly the rows)
+            probe::read_rows(s, &d_src.slice(..rows * row_bytes), row_bytes, &mut d_dst).unwrap();
+            let got = s.clone_dtoh(&d_dst).unwrap();
+            let want = reference::probe::read_rows(&src, row_bytes);
+            assert_eq!(
+                got[..rows],
+                want[..],
+                "row_bytes={row_bytes} rows={rows} seed={seed}"
+            );
+            assert!(
+                got[rows..].iter().all(|&v| v == 0xDEAD_BEEF),
+                "wrote past the rows (row_bytes={row_bytes} rows={rows})"
+            );
+        }
+    }
+    let src = s.alloc_zeros::<u8>(4096).unwrap();
+    let mut dst = s.alloc_zeros::<u32>(64).unwrap();
+    for (row_bytes, what) in [
+        (8, "row_bytes"),
+        (24, "row_bytes"),
+        (16384, "row_bytes"),
+        (1536, "src"),
+    ] {
+        let e = probe::read_rows(s, &src, row_bytes, &mut dst).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument { arg, .. } if *arg == what),
+            "row_bytes {row_bytes}: {e}"
+        );
+    }
+    let e = probe::read_rows(s, &src, 16, &mut dst).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "dst", .. }), "{e}");
+    let e = probe::read_rows(s, &src.slice(4..4 + 32), 16, &mut dst).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { arg: "src", .. }),
+        "{e}"
+    );
+}
+
 #[test]
 fn empty_kernel_launches() {
     let Some(ctx) = gpu("empty_kernel_launches") else {

@@ -41,6 +41,37 @@ __global__ void copy_bytes_kernel(const uint8_t *__restrict__ src, uint8_t *__re
   for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
 }
 
+// One warp per row, 4 per block, every vector of the row in flight at once (kVecs per lane), as
+// the gating kernels load their logits; the XOR keeps the loads from being optimized away.
+constexpr int kReadRowsWarps = 4;
+template <int kVecs>
+__global__ void __launch_bounds__(kReadRowsWarps * 32)
+    read_rows_kernel(const uint4 *__restrict__ src, int64_t rows, int row_vecs, uint32_t *__restrict__ dst) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * kReadRowsWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const uint4 *r = src + row * row_vecs;
+  uint4 v[kVecs];
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int j = lane + 32 * i;
+    v[i] = j < row_vecs ? __ldg(r + j) : make_uint4(0, 0, 0, 0);
+  }
+  uint32_t x = 0;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) x ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
+  if (lane == 0) dst[row] = x;
+}
+
+template <int kVecs>
+moekit_status launch_read_rows(const moekit_read_rows_params &p, moekit_stream stream) {
+  read_rows_kernel<kVecs><<<(unsigned)ceil_div(p.rows, kReadRowsWarps), kReadRowsWarps * 32, 0, stream>>>(
+      static_cast<const uint4 *>(p.src), p.rows, p.row_bytes / 16, p.dst);
+  return last_launch_status();
+}
+
 __global__ void empty_kernel() {}
 
 __global__ void busy_wait_kernel(uint64_t ns) {
@@ -84,6 +115,23 @@ extern "C" moekit_status moekit_copy_bytes(const moekit_copy_params *p, moekit_s
   copy_bytes_kernel<<<blocks, 256, 0, stream>>>(static_cast<const uint8_t *>(p->src), static_cast<uint8_t *>(p->dst),
                                                 p->n_bytes);
   return last_launch_status();
+}
+
+extern "C" moekit_status moekit_read_rows(const moekit_read_rows_params *p, moekit_stream stream) {
+  using namespace moekit;
+  if (p == nullptr || p->rows < 0 || p->row_bytes < 16 || p->row_bytes % 16 != 0 ||
+      p->row_bytes > MOEKIT_READ_ROWS_MAX_BYTES || (p->rows > 0 && (p->src == nullptr || p->dst == nullptr)) ||
+      reinterpret_cast<uintptr_t>(p->src) % 16 != 0) {
+    return MOEKIT_ERR_INVALID_ARGUMENT;
+  }
+  if (p->rows == 0) return MOEKIT_OK;
+  if (ceil_div(p->rows, kReadRowsWarps) > 0x7fffffff) return MOEKIT_ERR_UNSUPPORTED;
+  const int per_lane = (int)ceil_div(p->row_bytes / 16, 32);
+  if (per_lane <= 1) return launch_read_rows<1>(*p, stream);
+  if (per_lane <= 2) return launch_read_rows<2>(*p, stream);
+  if (per_lane <= 4) return launch_read_rows<4>(*p, stream);
+  if (per_lane <= 8) return launch_read_rows<8>(*p, stream);
+  return launch_read_rows<16>(*p, stream);
 }
 
 extern "C" moekit_status moekit_empty_kernel(moekit_stream stream) {

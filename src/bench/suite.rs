@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{time_iters, time_launches, CaseResult};
-use crate::error::{DuringExt, Result};
+use crate::error::{DuringExt, Error, Result};
 use crate::gating::{topk_gating, GatingConfig, GatingInputs, ScoreFunction};
 use crate::grouped_gemm::{grouped_gemm, Epilogue, GemmProblem, BLOCK_M};
 use crate::mla::{
@@ -250,6 +250,34 @@ fn gating_case(
                 &mut weights.slice_mut(..tokens * k),
                 None,
             )
+        }),
+    ))
+}
+
+/// The read floor of a gate over `tokens` rows of `e` f32 logits: the same rows, rotated past L2
+/// the same way, read in the gating kernels' geometry with no selection
+/// ([`crate::probe::read_rows`]). GB/s counts the logits read.
+fn read_floor_case(ctx: &Context, name: &str, tokens: usize, e: usize) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let bytes_per_set = tokens * e * 4;
+    let sets = super::rotation_sets(bytes_per_set, ctx.l2_bytes());
+    let mut r = rng(2);
+    let rows: Vec<CudaSlice<f32>> = (0..sets)
+        .map(|_| device_normal::<f32>(&stream, &mut r, tokens * e, 1.0))
+        .collect::<Result<_>>()?;
+    let mut out = stream.alloc_zeros::<u32>(tokens.max(1))?;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        None,
+        Some(bytes_per_set as f64),
+        Box::new(move |i| {
+            // SAFETY: f32 -> u8 reinterpretation of a whole device buffer (no alignment or
+            // validity requirement on bytes).
+            let bytes = unsafe { rows[i % rows.len()].transmute::<u8>(bytes_per_set) }
+                .ok_or_else(|| Error::invalid("rows", "byte view of the logits"))?;
+            crate::probe::read_rows(&s, &bytes, e * 4, &mut out)
         }),
     ))
 }
@@ -577,6 +605,10 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
         v.push(CaseSpec::new(name.clone(), move |ctx| {
             gating_case(ctx, &name, GatingConfig::deepseek_v3(), t, true)
         }));
+        let name = format!("dsv3/T{t}/gate-read-floor");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            read_floor_case(ctx, &name, t, 256)
+        }));
     }
     for (model, e, k, h, i) in MODELS {
         for &t in &opts.tokens {
@@ -668,6 +700,10 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     }
     let t = opts.sweep_tokens;
     for e in [64, 256, 1024, 2048] {
+        let name = format!("sweep/T{t}/E{e}/gate-read-floor");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            read_floor_case(ctx, &name, t, e)
+        }));
         for k in [1, 2, 8, 16] {
             let name = format!("sweep/T{t}/E{e}-k{k}/gate-softmax-topk");
             v.push(CaseSpec::new(name.clone(), move |ctx| {
