@@ -146,10 +146,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 // amortize. So: pairs for K >= 4096. MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for
 // A/B timing).
 static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
-  static const int forced = [] {
-    const char *s = getenv("MOEKIT_GEMM_CLUSTER");
-    return s == nullptr ? 0 : atoi(s);
-  }();
+  static const int forced = env_switch("MOEKIT_GEMM_CLUSTER", 0);
   if (forced == 1 || forced == 2) return forced == 2;
   return p.k >= 4096;
 }

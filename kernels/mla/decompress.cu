@@ -94,10 +94,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_
 // Whether a paged source is gathered by gather_kernel first (when the caller gave the buffer):
 // MOEKIT_MLA_PREGATHER=0 keeps the WGMMA kernel's own gather (EXPERIMENT, for A/B timing).
 static bool pregather_enabled() {
-  static const bool enabled = [] {
-    const char *v = getenv("MOEKIT_MLA_PREGATHER");
-    return v == nullptr || atoi(v) != 0;
-  }();
+  static const bool enabled = env_switch("MOEKIT_MLA_PREGATHER", 1) != 0;
   return enabled;
 }
 

@@ -163,10 +163,7 @@ moekit_status run_bulk(const moekit_permute_params &p, moekit_stream stream) {
 // output that fits in L2 stays there for the expert GEMM that reads it next).
 // MOEKIT_PERMUTE_STREAMING=0/1 forces the choice (for A/B timing).
 static bool use_streaming_stores(const moekit_permute_params &p) {
-  static const int forced = [] {
-    const char *v = getenv("MOEKIT_PERMUTE_STREAMING");
-    return v == nullptr ? -1 : atoi(v);
-  }();
+  static const int forced = env_switch("MOEKIT_PERMUTE_STREAMING", -1);
   if (forced == 0 || forced == 1) return forced == 1;
   constexpr int64_t kL2Bytes = 50ll << 20;
   return p.top_k >= 4 && p.tokens > kL2Bytes / p.top_k / p.row_bytes;  // no overflow

@@ -254,10 +254,7 @@ namespace plan {
 // Assignments per lane of the one-launch plan, or 0 for the three kernels: MOEKIT_PLAN_GRID=0
 // forces the three kernels, 1, 2 or 4 a fixed share per lane (EXPERIMENT, for A/B timing).
 static int forced_per_lane() {
-  static const int v = [] {
-    const char *s = getenv("MOEKIT_PLAN_GRID");
-    return s == nullptr ? -1 : atoi(s);
-  }();
+  static const int v = env_switch("MOEKIT_PLAN_GRID", -1);
   return v;
 }
 

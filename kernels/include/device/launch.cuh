@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "moekit/common.h"
 
 namespace moekit {
@@ -64,6 +66,14 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The integer value of a run-time switch (the MOEKIT_* variables the README lists, for A/B
+// timing), or `unset` when the variable is absent. Callers cache it in a function-local static:
+// read once per process.
+inline int env_switch(const char *name, int unset) {
+  const char *v = getenv(name);
+  return v == nullptr ? unset : atoi(v);
+}
 
 // Launches `kernel` as a programmatic dependent of the previous kernel on the stream: its blocks
 // may be scheduled while that kernel finishes (hiding the launch latency, ~2 us each), and must
