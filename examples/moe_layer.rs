@@ -33,6 +33,8 @@ enum RoutingKind {
     Zipf,
     /// Every token to experts 0..k.
     One,
+    /// Every expert gets exactly T·k/E tokens (no ragged tiles).
+    Balanced,
 }
 
 #[derive(Parser, Debug)]
@@ -98,10 +100,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let x = device_normal::<bf16>(&s, &mut rng(7), t * h, 1.0)?;
     let mut out = s.alloc_zeros::<bf16>(t * h)?;
     let synthetic = (args.routing != RoutingKind::Uniform).then(|| {
-        let kind = if args.routing == RoutingKind::Zipf {
-            Routing::Zipf(1.2)
-        } else {
-            Routing::AllToFirst
+        let kind = match args.routing {
+            RoutingKind::Zipf => Routing::Zipf(1.2),
+            RoutingKind::Balanced => Routing::Balanced,
+            _ => Routing::AllToFirst,
         };
         routing(&mut rng(9), t, k, e, kind)
     });

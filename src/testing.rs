@@ -64,6 +64,9 @@ pub enum Routing {
     Zipf(f64),
     /// Every token picks experts `0..k` (all-to-one: k experts get every token).
     AllToFirst,
+    /// Token t picks experts `(t·k + j) mod E` for `j < k`: every expert gets `T·k / E` rows
+    /// (± 1), so no expert ends in a ragged tile (the bench's measure of what ragged tiles cost).
+    Balanced,
 }
 
 /// `[tokens, k]` expert ids (i32), k distinct experts per token.
@@ -82,7 +85,7 @@ pub fn routing(
         }
         _ => None,
     };
-    for _ in 0..tokens {
+    for t in 0..tokens {
         match kind {
             Routing::Uniform => {
                 let chosen = rand::seq::index::sample(rng, experts, k);
@@ -100,6 +103,7 @@ pub fn routing(
                 ids.extend(chosen);
             }
             Routing::AllToFirst => ids.extend(0..k as i32),
+            Routing::Balanced => ids.extend((0..k).map(|j| ((t * k + j) % experts) as i32)),
         }
     }
     ids
@@ -195,4 +199,26 @@ pub fn upload<T: cudarc::driver::DeviceRepr>(
             .during("uploading a test buffer")?;
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balanced_routing_gives_every_expert_its_share_of_distinct_picks() {
+        for (t, k, e) in [(4096, 8, 256), (100, 3, 7), (5, 4, 4)] {
+            let ids = routing(&mut rng(1), t, k, e, Routing::Balanced);
+            let mut count = vec![0usize; e];
+            for row in ids.chunks(k) {
+                let mut seen = row.to_vec();
+                seen.sort();
+                seen.dedup();
+                assert_eq!(seen.len(), k, "distinct experts per token");
+                row.iter().for_each(|&id| count[id as usize] += 1);
+            }
+            let (lo, hi) = (t * k / e, (t * k).div_ceil(e));
+            assert!(count.iter().all(|&c| c >= lo && c <= hi), "{count:?}");
+        }
+    }
 }

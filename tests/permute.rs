@@ -91,6 +91,7 @@ fn plan_matches_reference_across_routings_and_alignments() {
             (Routing::Uniform, "uniform"),
             (Routing::Zipf(1.2), "zipf-1.2"),
             (Routing::AllToFirst, "all-to-first"),
+            (Routing::Balanced, "balanced"),
         ] {
             let (t, k, e) = (4096, 8, 256);
             let ids = routing(&mut r, t, k, e, kind);

@@ -662,6 +662,26 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             }));
         }
     }
+    // The same GEMMs with every expert at exactly T·k/E rows: against the uniform cases, what the
+    // ragged last M tiles of uniform routing cost (a tile of a few rows runs a 64-row WGMMA).
+    for &t in &opts.tokens {
+        for (stage, suffix) in [
+            (GemmStage::UpSwiGlu, "gemm-up-swiglu-balanced"),
+            (GemmStage::Down, "gemm-down-balanced"),
+        ] {
+            let name = format!("dsv3/T{t}/{suffix}");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                gemm_case(
+                    ctx,
+                    &name,
+                    t,
+                    (256, 8, 7168, 2048),
+                    stage,
+                    Routing::Balanced,
+                )
+            }));
+        }
+    }
     for &t in &opts.tokens {
         let name = format!("dsv3/T{t}/gemm-up-zipf1.2");
         v.push(CaseSpec::new(name.clone(), move |ctx| {
