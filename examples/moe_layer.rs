@@ -33,7 +33,7 @@ enum RoutingKind {
     Zipf,
     /// Every token to experts 0..k.
     One,
-    /// Every expert gets exactly T·k/E tokens (no ragged tiles).
+    /// Every expert gets T·k/E tokens (± 1): whole GEMM tiles when that is a multiple of 128.
     Balanced,
 }
 

@@ -65,7 +65,8 @@ pub enum Routing {
     /// Every token picks experts `0..k` (all-to-one: k experts get every token).
     AllToFirst,
     /// Token t picks experts `(t·k + j) mod E` for `j < k`: every expert gets `T·k / E` rows
-    /// (± 1), so no expert ends in a ragged tile (the bench's measure of what ragged tiles cost).
+    /// (± 1): whole M tiles when that is a multiple of the tile height (DeepSeek-V3 at T = 4096
+    /// and 16384), the bench's measure of what ragged last tiles cost.
     Balanced,
 }
 

@@ -663,7 +663,8 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
         }
     }
     // The same GEMMs with every expert at exactly T·k/E rows: against the uniform cases, what the
-    // ragged last M tiles of uniform routing cost (a tile of a few rows runs a 64-row WGMMA).
+    // ragged last M tiles of uniform routing cost (a tile of a few rows streams a whole W tile;
+    // BENCHMARKS.md run 25).
     for &t in &opts.tokens {
         for (stage, suffix) in [
             (GemmStage::UpSwiGlu, "gemm-up-swiglu-balanced"),
