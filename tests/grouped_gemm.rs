@@ -2,6 +2,9 @@
 //! (uniform, Zipf, all-to-one, empty and one-row experts, E = 1, E = 1024), every epilogue, both
 //! output types, ragged shapes; poisoned outputs prove every real row is written and nothing else.
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use moekit::grouped_gemm::{grouped_gemm, Epilogue, GemmProblem, Implementation, BLOCK_M};
 use moekit::permute::{PlanConfig, RoutingPlan};
@@ -282,6 +285,37 @@ fn skewed_and_degenerate_routings() {
     );
 }
 
+/// Runs `problem` (WGMMA) and the same problem through the oracle on one plan and the same
+/// inputs, bf16 outputs of `out_len` elements; returns the WGMMA output's relative L2 error
+/// against the oracle's, and the WGMMA output (as f32).
+fn wgmma_vs_oracle(
+    s: &Arc<CudaStream>,
+    plan: &mut RoutingPlan,
+    problem: GemmProblem<'_>,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    out_len: usize,
+) -> (f64, Vec<f32>) {
+    let mut got = s.alloc_zeros::<bf16>(out_len).unwrap();
+    let mut want = s.alloc_zeros::<bf16>(out_len).unwrap();
+    grouped_gemm(s, plan, &problem, x, w, &mut got).unwrap();
+    let problem = problem.implementation(Implementation::Oracle);
+    grouped_gemm(s, plan, &problem, x, w, &mut want).unwrap();
+    let got: Vec<f32> = s
+        .clone_dtoh(&got)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let want: Vec<f64> = s
+        .clone_dtoh(&want)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    (rel_l2_error(&got, &want), got)
+}
+
 /// A DeepSeek-V3-shaped expert GEMM (K = 7168, N = 4096) on fewer tokens: the WGMMA kernel against
 /// the oracle everywhere, and against the CPU on a sample of rows.
 #[test]
@@ -299,25 +333,8 @@ fn deepseek_v3_shapes_against_the_oracle() {
     let rows = cfg.max_rows();
     let x = moekit::testing::device_normal::<bf16>(s, &mut rng(5), rows * k, 1.0).unwrap();
     let w = moekit::testing::device_normal::<bf16>(s, &mut rng(6), e * n * k, 0.02).unwrap();
-    let mut got = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
-    let mut want = s.alloc_zeros::<bf16>(rows * (n / 2)).unwrap();
     let p = GemmProblem::new(n, k).epilogue(Epilogue::SwiGlu);
-    grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
-    let p = p.implementation(Implementation::Oracle);
-    grouped_gemm(s, &mut plan, &p, &x, &w, &mut want).unwrap();
-    let got: Vec<f32> = s
-        .clone_dtoh(&got)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
-    let want: Vec<f64> = s
-        .clone_dtoh(&want)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f64())
-        .collect();
-    let err = rel_l2_error(&got, &want);
+    let (err, got) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * (n / 2));
     assert!(
         err < 1e-2,
         "SwiGLU K=7168 N=4096: WGMMA vs oracle {err:.3e}"
@@ -388,25 +405,8 @@ fn w_tile_pairs_against_the_oracle() {
     for (epilogue, n, n_out) in [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)] {
         let w =
             moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
-        let mut got = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
-        let mut want = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
         let p = GemmProblem::new(n, k).epilogue(epilogue);
-        grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
-        let p = p.implementation(Implementation::Oracle);
-        grouped_gemm(s, &mut plan, &p, &x, &w, &mut want).unwrap();
-        let got: Vec<f32> = s
-            .clone_dtoh(&got)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        let want: Vec<f64> = s
-            .clone_dtoh(&want)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_f64())
-            .collect();
-        let err = rel_l2_error(&got, &want);
+        let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
         assert!(
             err < 1e-2,
             "K=4096 N={n} {}: WGMMA vs oracle {err:.3e} (seed {seed})",

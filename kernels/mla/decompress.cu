@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "decompress_sm90.cuh"
 #include "device/launch.cuh"

@@ -7,7 +7,6 @@
 // different rows, each written with full 16-byte stores.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/load.cuh"

@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "device/launch.cuh"
 #include "device/warp.cuh"

@@ -47,12 +47,6 @@ __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-// Arrives on a barrier of any CTA of the cluster and announces `bytes` more transaction bytes.
-__device__ __forceinline__ void mbar_arrive_expect_tx_cluster(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
 // Stores a 32-bit value to shared memory of any CTA of the cluster (published by a later
 // release-arrive of the same thread).
 __device__ __forceinline__ void st_cluster_u32(uint32_t addr, uint32_t v) {
