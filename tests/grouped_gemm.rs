@@ -415,6 +415,51 @@ fn w_tile_pairs_against_the_oracle() {
     }
 }
 
+/// K = 4096 pairs whose experts end in a tile of at most 64 rows behind an even number of full
+/// tiles: those run column blocks two by two, the two last tiles paired with each other (the
+/// kernel's decode_tile). The expert sizes mix that case (300, 280 and 520 rows) with the ones
+/// keeping the plain order: an odd number of full tiles (129), a last tile over 64 rows (600), no
+/// ragged tile (384), an empty expert and a tiny one; an even (512 plain, 1024 SwiGLU) and an odd
+/// (640 plain: 3 column blocks) column-block count.
+#[test]
+fn tail_pairs_against_the_oracle() {
+    let Some(ctx) = gpu("tail_pairs_against_the_oracle") else {
+        return;
+    };
+    let s = ctx.stream();
+    let seed = fresh_seed();
+    let sizes = [300usize, 280, 129, 600, 520, 0, 5, 384];
+    let mut ids: Vec<i32> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &n)| std::iter::repeat(e as i32).take(n))
+        .collect();
+    // Tokens in a random order, so every segment gathers rows from all over x.
+    use rand::seq::SliceRandom;
+    ids.shuffle(&mut rng(seed));
+    let (t, e, k) = (ids.len(), sizes.len(), 4096);
+    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
+    let rows = cfg.max_rows();
+    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
+    for (epilogue, n, n_out) in [
+        (Epilogue::Store, 512, 512),
+        (Epilogue::SwiGlu, 1024, 512),
+        (Epilogue::Store, 640, 640),
+    ] {
+        let label = format!("{epilogue:?}");
+        let w =
+            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
+        let p = GemmProblem::new(n, k).epilogue(epilogue);
+        let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
+        assert!(
+            err < 1e-2,
+            "K=4096 N={n} {label}: WGMMA vs oracle {err:.3e} (seed {seed})"
+        );
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let Some(ctx) = gpu("bad_inputs_are_refused") else {

@@ -84,6 +84,17 @@ struct Tile {
 // Persistent tile t -> (M tile, column block). The M tiles of expert e are consecutive entries of
 // the plan's list, [base, base + m_tiles); its tiles are t in [base * nb, (base + m_tiles) * nb),
 // ordered column-block-major so consecutive CTAs share a W tile.
+//
+// kTailPairs (the 2-CTA clusters, whose CTAs run consecutive tiles in lockstep): an expert whose
+// last M tile holds at most 64 rows behind an even number of full tiles (DeepSeek-V3 T = 16384:
+// 4 + a few rows on half the experts) orders each two column blocks as [c: full tiles]
+// [c + 1: full tiles] [last tile of c, last tile of c + 1]. The full tiles still pair up within
+// a column block (sharing W) and the two one-warpgroup tiles pair with each other, instead of one
+// of them holding a full tile's CTA in lockstep for twice its math (by a pair-by-pair count, the
+// slots of DeepSeek-V3 gate+up T = 16384 fall from 1.12x to 1.06x the balanced routing's, and
+// ncu puts that kernel at 95% of the tensor pipe: the time follows the slots). Both column
+// blocks' W tiles were streamed a few tiles earlier, so the last tiles read them from L2.
+template <bool kTailPairs = false>
 __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks) {
   const int q = t / col_blocks;
   const int e = __ldg(a.tiles + 2 * q);
@@ -93,7 +104,16 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   const int base = q - (first - seg) / kBlockM;
   const int m_tiles = (count + kBlockM - 1) / kBlockM;
   const int local = t - base * col_blocks;
-  return Tile{e, seg + (local % m_tiles) * kBlockM, seg + count, local / m_tiles};
+  int m_tile = local % m_tiles, col_block = local / m_tiles;
+  if (kTailPairs) {
+    const int full = m_tiles - 1;
+    if (full >= 2 && full % 2 == 0 && col_blocks % 2 == 0 && count - full * kBlockM <= 64) {
+      const int group = local / (2 * m_tiles), r = local % (2 * m_tiles);
+      m_tile = r < 2 * full ? r % full : full;
+      col_block = 2 * group + (r < 2 * full ? r / full : r - 2 * full);
+    }
+  }
+  return Tile{e, seg + m_tile * kBlockM, seg + count, col_block};
 }
 
 // g * sigmoid(g) with the fast exponential and reciprocal (device/fast_math.cuh): the IEEE
@@ -257,10 +277,10 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
     }
     const int t = 2 * u + (int)rank;
     const bool mine = t < total();
-    const Tile tile = mine ? decode_tile(a, t, col_blocks()) : Tile{-1, 0, 0, 0};
+    const Tile tile = mine ? decode_tile<true>(a, t, col_blocks()) : Tile{-1, 0, 0, 0};
     bool shared = false;  // the same on both ranks
     if (2 * u + 1 < total()) {
-      const Tile other = decode_tile(a, 2 * u + (int)(rank ^ 1), col_blocks());
+      const Tile other = decode_tile<true>(a, 2 * u + (int)(rank ^ 1), col_blocks());
       shared = other.expert == tile.expert && other.col_block == tile.col_block;
     }
     const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
