@@ -419,8 +419,9 @@ fn w_tile_pairs_against_the_oracle() {
 /// tiles: those run column blocks two by two, the two last tiles paired with each other (the
 /// kernel's decode_tile). The expert sizes mix that case (300, 280 and 520 rows) with the ones
 /// keeping the plain order: an odd number of full tiles (129), a last tile over 64 rows (600), no
-/// ragged tile (384), an empty expert and a tiny one; an even (512 plain, 1024 SwiGLU) and an odd
-/// (640 plain: 3 column blocks) column-block count.
+/// ragged tile (384), an empty expert and a tiny one; an even (1024 plain: 4 column blocks, 1024
+/// SwiGLU: 4 of 128 outputs) and an odd (640 plain: 3) column-block count, all with enough tiles
+/// for the 128 x 256 pair kernel (N = 512 plain would run the narrow 128 x 64 kernel).
 #[test]
 fn tail_pairs_against_the_oracle() {
     let Some(ctx) = gpu("tail_pairs_against_the_oracle") else {
@@ -444,7 +445,7 @@ fn tail_pairs_against_the_oracle() {
     let rows = cfg.max_rows();
     let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
     for (epilogue, n, n_out) in [
-        (Epilogue::Store, 512, 512),
+        (Epilogue::Store, 1024, 1024),
         (Epilogue::SwiGlu, 1024, 512),
         (Epilogue::Store, 640, 640),
     ] {
