@@ -90,10 +90,11 @@ struct Tile {
 // 4 + a few rows on half the experts) orders each two column blocks as [c: full tiles]
 // [c + 1: full tiles] [last tile of c, last tile of c + 1]. The full tiles still pair up within
 // a column block (sharing W) and the two one-warpgroup tiles pair with each other, instead of one
-// of them holding a full tile's CTA in lockstep for twice its math (by a pair-by-pair count, the
+// of them holding a full tile's CTA in lockstep for twice its math. By a pair-by-pair count the
 // slots of DeepSeek-V3 gate+up T = 16384 fall from 1.12x to 1.06x the balanced routing's, and
-// ncu puts that kernel at 95% of the tensor pipe: the time follows the slots). Both column
-// blocks' W tiles were streamed a few tiles earlier, so the last tiles read them from L2.
+// ncu puts that kernel at 90-95% of the tensor pipe; measured back to back (at the power cap,
+// where idle slots partly turn into clock) it is 1.1-1.3% faster (BENCHMARKS.md run 26). Both
+// column blocks' W tiles were streamed a few tiles earlier, so the last tiles read them from L2.
 template <bool kTailPairs = false>
 __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks) {
   const int q = t / col_blocks;
