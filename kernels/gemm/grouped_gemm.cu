@@ -143,8 +143,8 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 // K = 2048 DeepSeek-V3 down +2.5%, Qwen3 gate+up +0.2..+1.5% and Qwen3 down (K = 768) +7..+10%:
 // the two CTAs wait on each other at every stage, which short tiles (few k-blocks) do not
 // amortize (run 26, with the tail pairs: DeepSeek-V3 down still +1.2..+4.6%). So: pairs for
-// K >= 4096. (4-CTA clusters sharing X too measured +6..+22%: BENCHMARKS.md run 26.) MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for
-// A/B timing).
+// K >= 4096. (4-CTA clusters sharing X too measured +6..+22%: BENCHMARKS.md run 26.)
+// MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for A/B timing).
 static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
   static const int forced = env_switch("MOEKIT_GEMM_CLUSTER", 0);
   if (forced == 1 || forced == 2) return forced == 2;
