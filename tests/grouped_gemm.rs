@@ -433,7 +433,7 @@ fn tail_pairs_against_the_oracle() {
     let mut ids: Vec<i32> = sizes
         .iter()
         .enumerate()
-        .flat_map(|(e, &n)| std::iter::repeat(e as i32).take(n))
+        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
         .collect();
     // Tokens in a random order, so every segment gathers rows from all over x.
     use rand::seq::SliceRandom;
