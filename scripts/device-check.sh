@@ -14,6 +14,12 @@ if [ -f .gpu-packed/bundle.tar.xz ]; then
   rm -rf .gpu
   python3 -c "import tarfile; tarfile.open('.gpu-packed/bundle.tar.xz').extractall('.')"
 fi
+# Without a bundle every step would fail one by one and still spend the device time (run 26 call 8
+# carried .gpu-packed without a bundle.tar.xz in it).
+if [ ! -x .gpu/examples/bench_report ]; then
+  echo "device-check: no GPU bundle (.gpu/ or .gpu-packed/bundle.tar.xz); carry one" >&2
+  exit 1
+fi
 # Logs are written outside $OUT and packed into $OUT/logs.tgz at the end: the device tool returns at
 # most 8 files.
 final=${OUT:-/tmp/moekit-out}; mkdir -p "$final"
