@@ -301,19 +301,18 @@ fn wgmma_vs_oracle(
     grouped_gemm(s, plan, &problem, x, w, &mut got).unwrap();
     let problem = problem.implementation(Implementation::Oracle);
     grouped_gemm(s, plan, &problem, x, w, &mut want).unwrap();
-    let got: Vec<f32> = s
-        .clone_dtoh(&got)
+    let got = download(s, &got);
+    let want: Vec<f64> = download(s, &want).iter().map(|&v| v as f64).collect();
+    (rel_l2_error(&got, &want), got)
+}
+
+/// A bf16 device buffer, copied back as f32 (exact).
+fn download(s: &Arc<CudaStream>, d: &CudaSlice<bf16>) -> Vec<f32> {
+    s.clone_dtoh(d)
         .unwrap()
         .iter()
         .map(|v| v.to_f32())
-        .collect();
-    let want: Vec<f64> = s
-        .clone_dtoh(&want)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f64())
-        .collect();
-    (rel_l2_error(&got, &want), got)
+        .collect()
 }
 
 /// A DeepSeek-V3-shaped expert GEMM (K = 7168, N = 4096) on fewer tokens: the WGMMA kernel against
@@ -340,18 +339,8 @@ fn deepseek_v3_shapes_against_the_oracle() {
         "SwiGLU K=7168 N=4096: WGMMA vs oracle {err:.3e}"
     );
     // CPU spot check of three rows.
-    let xh: Vec<f32> = s
-        .clone_dtoh(&x)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
-    let wh: Vec<f32> = s
-        .clone_dtoh(&w)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
+    let xh = download(s, &x);
+    let wh = download(s, &w);
     for &row in &[0usize, rows / 2, rows - 1] {
         let e_row = plan_ref
             .expert_offsets
