@@ -163,7 +163,8 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
 static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moekit_stream stream) {
   if (!wgmma_supports(params)) return MOEKIT_ERR_UNSUPPORTED;
   moekit_mla_decompress_params p = params;
-  if (p.block_table != nullptr && p.gathered != nullptr && pregather_enabled()) {
+  const bool pregathered = p.block_table != nullptr && p.gathered != nullptr && pregather_enabled();
+  if (pregathered) {
     gather_kernel<<<(unsigned)ceil_div(p.tokens, kGatherWarps), kGatherWarps * 32, 0, stream>>>(p);
     MOEKIT_TRY_LAUNCH();
     // From here on the source is contiguous: token t's row is row t of the gathered buffer.
@@ -199,6 +200,7 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   a.heads = p.heads;
   a.rank = p.rank;
   a.d_rope = p.d_rope;
+  a.source_from_previous_grid = pregathered ? 1 : 0;
 
   const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));

@@ -14,7 +14,8 @@
 // on alternate tiles (ping-pong, 128 x 128 tiles each, branch next/mla-pingpong) measured slower:
 // 490 us with TMA-loaded latent, 600-616 us gathered (BENCHMARKS.md run 20).
 //
-// Structure (one CTA per SM, tiles claimed in order from a global counter):
+// Structure (one CTA per SM; its first tile is its block index, the rest claimed in order from a
+// global counter):
 //   warpgroup 0      thread 0 issues the TMA load of the W tile [256 x 64] of each stage (one
 //                    head's 128 W_UK rows then 128 W_UV rows) and, for a contiguous latent, of
 //                    the A tile [128 x 64] (a paged cache is gathered contiguous first by
@@ -76,6 +77,9 @@ struct Args {
   int heads;
   int rank;
   int d_rope;
+  // Whether the latent and k_pe are written by the grid this kernel depends on (a paged cache's
+  // gather): then the first tile's A loads wait for it; otherwise they are issued before the wait.
+  int source_from_previous_grid;
 };
 
 // The source row of token t, or -1 for a zero row.
@@ -187,8 +191,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::fence_barrier_init();
   }
   __syncthreads();
-  // The tile counter and the row table come from the prepare kernel this one depends on.
-  wait_for_previous_grid();
+  // The tile counter (and the row table or the gathered rows) come from the kernel this one
+  // depends on. The in-kernel gather waits for it at once; otherwise only the threads that read
+  // those wait, and thread 0 first issues its first tile's loads (tile blockIdx.x, claimed without
+  // the counter), so they travel while the previous grid finishes.
+  if (!kTmaA) wait_for_previous_grid();
   if (warpgroup == 0) {
     // Producer. Gathering, 72 registers: the gather keeps its 8 rows' sources for the whole tile;
     // the CTA's pool is what the launch bounds reserve (384 x 168), 128 x 72 + 256 x 208 fits it,
@@ -205,8 +212,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kTmaA) {
       if (p == 0) {
         sm90::tma_prefetch_descriptor(&map_a);
+        bool waited = false;
         for (uint32_t n = 0;; ++n) {
-          const int t = atomicAdd(a.tile_counter, 1);
+          if (n > 0 && !waited) {
+            wait_for_previous_grid();
+            waited = true;
+          }
+          // Every CTA's first tile is its block index; the counter hands out the rest.
+          const int t = n == 0 ? (int)blockIdx.x : (int)gridDim.x + atomicAdd(a.tile_counter, 1);
           // Hand the tile (or the stop) to the k_pe copiers.
           const uint32_t slot = n & 1, parity = (n >> 1) & 1;
           sm90::mbar_wait(&kpe_empty[slot], parity ^ 1);
@@ -221,18 +234,36 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           const Tile tile = decode_tile(t, m_tiles, a.heads);
           const int w_row = tile.head * kBlockN;
+          // Before the wait (first tile only), the first ring's worth of k-blocks: their W tiles
+          // now, and their A tiles too unless the previous grid writes the source (then after the
+          // wait). The fresh ring starts at stage 0, so k-block kb sits in stage kb.
+          const int early = waited ? 0 : min(k_blocks, kStages);
+          const bool defer_a = early > 0 && a.source_from_previous_grid;
+          auto finish_early = [&]() {
+            wait_for_previous_grid();
+            waited = true;
+            if (defer_a) {
+              for (int kb = 0; kb < early; ++kb) {
+                sm90::tma_load_2d(sa + kb * kTileA, &map_a, kb * kBlockK, tile.m0, &full[kb]);
+              }
+            }
+          };
           for (int kb = 0; kb < k_blocks; ++kb) {
+            if (kb == early && !waited) finish_early();
             sm90::mbar_wait(&empty[stage], phase ^ 1);
             stage_m0[stage] = tile.m0;  // published by the arrive below (release)
             stage_head[stage] = tile.head;
             sm90::mbar_arrive_expect_tx(&full[stage], kBytesB + kTileA * 2);
-            sm90::tma_load_2d(sa + stage * kTileA, &map_a, kb * kBlockK, tile.m0, &full[stage]);
+            if (!(defer_a && kb < early)) {
+              sm90::tma_load_2d(sa + stage * kTileA, &map_a, kb * kBlockK, tile.m0, &full[stage]);
+            }
             sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
             }
           }
+          if (!waited) finish_early();
         }
       } else if (p >= 32) {
         // The k_pe copiers: K[t, h, 128:128+d_rope] = k_pe[t] for every tile thread 0 claims,
@@ -242,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // k_pe may be the gather kernel's output, written while this grid was already launched:
         // plain L2 loads (ld.global.cg), not the read-only path, which assumes data constant for
         // the kernel's whole life.
+        wait_for_previous_grid();  // k_pe may be the gather kernel's output
         const int q = p - 32;
         const int lane = p % 32;
         const int rope_chunks = a.d_rope / 8;
@@ -400,6 +432,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row0 = tile.m0 + consumer * 64;
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
+      // Each k-block's WGMMAs stay in flight while the next k-block's are issued (wait<1>), and
+      // its stage is freed one k-block later. Waiting for every k-block (wait<0>) left the tensor
+      // pipe to the other consumer between k-blocks: H200, BENCHMARKS.md run 27, T = 8192 443.2 ->
+      // 436.5 us, paged 452.0 -> 443.4, T = 1024 63.4 -> 62.8, paged 66.8 -> 65.9.
+      int held = -1;  // the stage whose WGMMAs may still be reading it
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         // A gathered A tile arrived through cp.async (generic proxy); the WGMMAs read it through
@@ -416,15 +453,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           sm90::wgmma_commit();
           sm90::fence_operands(acc);
-          sm90::wgmma_wait<0>();
+          sm90::wgmma_wait<1>();  // the previous k-block's WGMMAs are done with their stage
           sm90::fence_operands(acc);
         }
-        sm90::release_stage(&empty[stage], lane);  // every lane's WGMMA reads are complete (the wait above)
+        if (held >= 0) sm90::release_stage(&empty[held], lane);  // every lane's reads of it are complete
+        held = stage;
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
       }
+      // Outside `if (active)`: a wait in a divergent path makes ptxas serialize every WGMMA of
+      // the kernel (C7518). With nothing in flight it returns at once.
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(acc);
+      if (held >= 0) sm90::release_stage(&empty[held], lane);
       if (!active) continue;
       const int barrier = 2 + consumer;
       // Four 64-column boxes: columns [0, 128) -> K[t, h, 0:128], [128, 256) -> V[t, h, :].
