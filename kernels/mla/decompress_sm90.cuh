@@ -33,7 +33,7 @@
 //            stage holds data;
 //   empty[s] (8 arrivals: lane 0 of every consumer warp): the stage may be overwritten.
 // Tile order: groups of kGroupM M tiles sweep the heads together, so consecutive CTAs share one
-// head's W (256 KB, read from L2) and a group's latent rows (2 MB) stay in L2 across its heads.
+// head's W (256 KB, read from L2) and a group's latent rows (4 MB) stay in L2 across its heads.
 #pragma once
 
 #include <cuda.h>
@@ -55,7 +55,12 @@ constexpr int kBlockN = 2 * kHeadDim;  // one head: W_UK rows then W_UV rows
 constexpr int kBlockK = 64;   // 64 bf16 = 128 bytes: one swizzle row
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
-constexpr int kGroupM = 16;
+// M tiles per group of the tile order: W is read from DRAM once per group, the group's latent
+// rows (kGroupM x 128 KB) must stay in L2 while it sweeps the heads. H200 (BENCHMARKS.md run 27,
+// call 3, 16 / 32 / 64 / 256): T = 8192 440.8 / 435.1 / 435.1 / 435.1 us, paged 448.7 / 441.6 /
+// 441.6 / 442.1; T = 32768 1837-1934 / 1744-1946 / 1754-1916 / 2030-2123 (one group of 256 M
+// tiles, 33.5 MB of latent, no longer stays in L2 beside the K/V writes); T = 1024 unchanged.
+constexpr int kGroupM = 32;
 constexpr int kMaxRope = 64;  // k_pe columns: one 16-byte chunk per copier thread of a row (8 lanes)
 
 // What the device needs besides the W tensor map.
