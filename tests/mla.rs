@@ -213,7 +213,15 @@ fn gpu_decompress_large_matches_oracle() {
     let Some(ctx) = gpu("gpu_decompress_large_matches_oracle") else {
         return;
     };
-    for (heads, tokens) in [(128, 1000), (16, 4099), (12, 777), (96, 257), (64, 2048)] {
+    // T = 4099 and 8300: 33 and 65 M tiles, two and three tile groups of 32, the last of one.
+    for (heads, tokens) in [
+        (128, 1000),
+        (16, 4099),
+        (12, 777),
+        (96, 257),
+        (64, 2048),
+        (8, 8300),
+    ] {
         let seed = fresh_seed();
         let inp = Inputs::new(MlaDims::deepseek_v3(heads), tokens, seed);
         let what = format!("H={heads} T={tokens} seed={seed}");
