@@ -201,10 +201,10 @@ pub struct RoutingPlan {
     pub(crate) gemm_partials: CudaSlice<f32>,
 }
 
-/// f32 values of split-K scratch a one-expert plan holds (8 MB): the partial sums of up to 16
-/// splits of the narrow GEMMs that leave most SMs idle (a router GEMM over a few thousand tokens
-/// needs at most ~1 M).
-pub(crate) const SPLIT_K_PARTIALS: usize = 1 << 21;
+/// f32 values of split-K scratch a one-expert plan holds (16 MB): the partial sums of up to 16
+/// splits of the narrow GEMMs that leave most SMs idle (a DeepSeek-V3 router GEMM at T = 4096
+/// splits 4 ways: 4 M).
+pub(crate) const SPLIT_K_PARTIALS: usize = 1 << 22;
 
 impl RoutingPlan {
     /// Allocates every buffer of a plan for `cfg` on `stream` (the only allocation: builds reuse it).

@@ -518,12 +518,16 @@ fn one_expert_split_k() {
         return;
     };
     let mut r = rng(fresh_seed());
+    // On the H200's 132 SMs the first five split 128 x 64 tiles; (2048, 256, 2048) and
+    // (3000, 256, 1536) split 128 x 256 tiles 7 and 5 ways (the second's last split shorter).
     for (t, n, k) in [
         (1, 256, 7168),
         (128, 256, 7168),
         (700, 128, 2048),
         (1000, 8, 4096),
         (300, 64, 520),
+        (2048, 256, 2048),
+        (3000, 256, 1536),
     ] {
         let ids = routing(&mut r, t, 1, 1, Routing::Uniform);
         let mut c = case(&ctx, "one expert, f32 out", ids, t, 1, 1, n, k, 1);

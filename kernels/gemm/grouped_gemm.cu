@@ -171,12 +171,13 @@ __global__ void split_k_reduce_kernel(const float *__restrict__ partials, int sp
 // 44 us at T = 128 on the H200, cuBLAS 27 us), or 1. At least 4 k-blocks per split, at most 16
 // splits, and the partials must fit the caller's scratch. Returns the split count and sets
 // kb_per_split.
-inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int *kb_per_split) {
+// `bn`: the tile width the splits are for (64 or 256).
+inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int bn, int *kb_per_split) {
   const int k_blocks = (int)ceil_div(p.k, kBlockK);
   *kb_per_split = k_blocks;
   if (p.num_local != 1 || p.partials == nullptr) return 1;
-  const int64_t narrow_tiles = tile_bound(p) * ceil_div(a.n_out, 64);
-  int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, narrow_tiles), k_blocks / 4});
+  const int64_t tiles = tile_bound(p) * ceil_div(a.n_out, bn);
+  int64_t split = std::min<int64_t>({16, sm_count() / std::max<int64_t>(1, tiles), k_blocks / 4});
   // The partials cover the build's rows, not all of x: a plan sized for many tokens (an engine's
   // maximum batch) still splits when it runs a few.
   while (split >= 2 && split * p.rows * a.n_out > p.partials_capacity) --split;
@@ -209,12 +210,27 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
     return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
+    // 128 x 256 tiles split along K when their splits fill at least 3/4 of the SMs (the router
+    // GEMM at T = 4096: 33 tiles x 4 splits of 28 k-blocks), else 128 x 64 tiles split as far as
+    // they need: the wide tiles move half the L2 bytes per FLOP of the narrow ones, but at
+    // T <= 1024 there are too few of them. Measured (H200, BENCHMARKS.md run 27): DeepSeek-V3
+    // router T = 4096 ... (cuBLAS 43.5 us, run 13).
     Args split_args = a;
-    split_args.split_k = choose_split_k(p, a, &split_args.kb_per_split);
+    int bn = 256;
+    split_args.split_k = choose_split_k(p, a, 256, &split_args.kb_per_split);
+    static const int wide_split = env_switch("MOEKIT_GEMM_WIDE_SPLIT", 1);  // EXPERIMENT
+    if (!wide_split || split_args.split_k < 2 || 4 * wide_tiles * split_args.split_k < 3 * sm_count()) {
+      bn = 64;
+      split_args.split_k = choose_split_k(p, a, 64, &split_args.kb_per_split);
+    }
     if (split_args.split_k > 1) {
       split_args.partials = p.partials;
       split_args.split_stride = p.rows * a.n_out;
-      MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
+      if (bn == 256) {
+        MOEKIT_TRY_STATUS((run_wgmma<256, 4, kEpilogue, OutT, true>(p, split_args, stream)));
+      } else {
+        MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
+      }
       const int64_t elems = p.rows * a.n_out;
       const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(elems, 256), 4 * sm_count()));
       MOEKIT_TRY(launch_dependent(split_k_reduce_kernel, dim3(blocks), dim3(256), 0, stream,

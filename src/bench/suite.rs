@@ -439,6 +439,31 @@ fn gemm_case(
     ))
 }
 
+/// The router GEMM of a model: `logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ` as the layer runs
+/// it, a one-expert grouped GEMM (bf16 in, f32 out).
+fn router_case(ctx: &Context, name: &str, tokens: usize, e: usize, h: usize) -> Result<BenchCase> {
+    let stream = ctx.stream().clone();
+    let cfg = PlanConfig::new(tokens, 1, 1).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(&stream, cfg.clone())?;
+    plan.build(&stream, &stream.clone_htod(&vec![0i32; tokens])?, tokens)?;
+    let mut r = rng(5);
+    let x = device_normal::<bf16>(&stream, &mut r, cfg.max_rows() * h, 1.0)?;
+    let w = device_normal::<bf16>(&stream, &mut r, e * h, 0.02)?;
+    // SAFETY: written by the GEMMs being timed.
+    let mut y = unsafe { stream.alloc::<f32>(cfg.max_rows() * e) }?;
+    let (t, e_f, h_f) = (tokens as f64, e as f64, h as f64);
+    let flops = 2.0 * t * h_f * e_f;
+    let bytes = 2.0 * (t * h_f + e_f * h_f) + 4.0 * t * e_f;
+    let s = stream.clone();
+    Ok(case(
+        ctx,
+        name,
+        Some(flops),
+        Some(bytes),
+        Box::new(move |_| grouped_gemm(&s, &mut plan, &GemmProblem::new(e, h), &x, &w, &mut y)),
+    ))
+}
+
 /// The whole MoE layer (router through combine) with random weights and the router's routing.
 fn layer_case(
     ctx: &Context,
@@ -647,6 +672,18 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
                     gemm_case(ctx, &name, t, shape, stage, Routing::Uniform)
                 }));
             }
+        }
+    }
+    for (model, e, h) in [
+        ("dsv3", 256, 7168),
+        ("qwen3", 128, 2048),
+        ("mixtral", 8, 4096),
+    ] {
+        for &t in &opts.tokens {
+            let name = format!("{model}/T{t}/router");
+            v.push(CaseSpec::new(name.clone(), move |ctx| {
+                router_case(ctx, &name, t, e, h)
+            }));
         }
     }
     for (model, cfg) in [
