@@ -166,12 +166,11 @@ __global__ void split_k_reduce_kernel(const float *__restrict__ partials, int sp
   }
 }
 
-// Splits of K for an f32 STORE problem (the caller's check) of one expert whose 128 x 64 tiles fill
-// fewer than half of the SMs (the router GEMM at small T: K = 7168 streamed through 4 CTAs took
-// 44 us at T = 128 on the H200, cuBLAS 27 us), or 1. At least 4 k-blocks per split, at most 16
-// splits, and the partials must fit the caller's scratch. Returns the split count and sets
-// kb_per_split.
-// `bn`: the tile width the splits are for (64 or 256).
+// Splits of K for an f32 STORE problem (the caller's check) of one expert whose tiles of width bn
+// (64 or 256) fill fewer than half of the SMs (the router GEMM at small T: K = 7168 streamed
+// through 4 CTAs took 44 us at T = 128 on the H200, cuBLAS 27 us), or 1. At least 4 k-blocks per
+// split, at most 16 splits, and the partials must fit the caller's scratch. Returns the split
+// count and sets kb_per_split.
 inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, int bn, int *kb_per_split) {
   const int k_blocks = (int)ceil_div(p.k, kBlockK);
   *kb_per_split = k_blocks;
@@ -196,7 +195,8 @@ inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, in
 //   T = 4096 only 33 tiles of 128 x 256 for 132 SMs, 4x as many of 128 x 64). Measured on the H200
 //   (BENCHMARKS.md run 13): DeepSeek-V3 router 47.7 us at T = 4096 (cuBLAS 43.5) and 44 us at
 //   T = 128 and 1024, where K streamed through 4-32 CTAs bounds it; one-expert f32 problems
-//   there split K (choose_split_k): 20.9 us at T = 128, 30.7 us at T = 1024.
+//   there split K (choose_split_k): 20.9 us at T = 128, 30.7 us at T = 1024; outputs at least
+//   256 wide split K over 128 x 256 tiles instead when those splits fill the GPU (below).
 template <int kEpilogue, typename OutT>
 moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.implementation == MOEKIT_GEMM_ORACLE) return run_oracle<kEpilogue, OutT>(p, a, stream);
@@ -210,23 +210,25 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
     return run_wgmma<256, 4, kEpilogue, OutT>(p, a, stream);
   }
   if constexpr (kEpilogue == MOEKIT_EPILOGUE_STORE && std::is_same<OutT, float>::value) {
-    // 128 x 256 tiles split along K when their splits fill at least 3/4 of the SMs (the router
-    // GEMM at T = 4096: 33 tiles x 4 splits of 28 k-blocks), else 128 x 64 tiles split as far as
-    // they need: the wide tiles move half the L2 bytes per FLOP of the narrow ones, but at
-    // T <= 1024 there are too few of them. Measured (H200, BENCHMARKS.md run 27): DeepSeek-V3
-    // router T = 4096 ... (cuBLAS 43.5 us, run 13).
+    // Outputs at least 256 wide split K over 128 x 256 tiles when the splits fill at least 3/4 of
+    // the SMs (the DeepSeek-V3 router GEMM at T = 4096: 33 tiles x 4 splits of 28 k-blocks);
+    // otherwise 128 x 64 tiles split as far as they need. Wide tiles move half the L2 bytes per
+    // FLOP of narrow ones, but narrower outputs would waste most of their columns. Measured (H200,
+    // BENCHMARKS.md run 27 call 5, wide -> narrow, best of 3): router T = 4096 DeepSeek-V3 (N =
+    // 256) 38.6 -> 43.6 us (cuBLAS 43.5 in run 13); Qwen3 (N = 128) 19.7 -> 15.7; Mixtral (N = 8)
+    // 29.9 -> 17.3. MOEKIT_GEMM_WIDE_SPLIT=0 forces the narrow tiles (for A/B timing).
     Args split_args = a;
-    int bn = 256;
-    split_args.split_k = choose_split_k(p, a, 256, &split_args.kb_per_split);
-    static const int wide_split = env_switch("MOEKIT_GEMM_WIDE_SPLIT", 1);  // EXPERIMENT
-    if (!wide_split || split_args.split_k < 2 || 4 * wide_tiles * split_args.split_k < 3 * sm_count()) {
-      bn = 64;
-      split_args.split_k = choose_split_k(p, a, 64, &split_args.kb_per_split);
+    static const int wide_split = env_switch("MOEKIT_GEMM_WIDE_SPLIT", 1);
+    bool wide = wide_split != 0 && a.n_out >= 256;
+    if (wide) {
+      split_args.split_k = choose_split_k(p, a, 256, &split_args.kb_per_split);
+      wide = split_args.split_k >= 2 && 4 * wide_tiles * split_args.split_k >= 3 * sm_count();
     }
+    if (!wide) split_args.split_k = choose_split_k(p, a, 64, &split_args.kb_per_split);
     if (split_args.split_k > 1) {
       split_args.partials = p.partials;
       split_args.split_stride = p.rows * a.n_out;
-      if (bn == 256) {
+      if (wide) {
         MOEKIT_TRY_STATUS((run_wgmma<256, 4, kEpilogue, OutT, true>(p, split_args, stream)));
       } else {
         MOEKIT_TRY_STATUS((run_wgmma<64, 8, kEpilogue, OutT, true>(p, split_args, stream)));
