@@ -38,6 +38,35 @@ __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params 
   return block * p.block_size + pos % p.block_size;
 }
 
+// paged_row for a whole warp asking about the same token t, when the batch has at most 32
+// sequences: lane b loads sequence b's bounds, start and (when t lies in it) block id, so the
+// chain is two rounds of loads instead of a binary search's log2(sequences) dependent ones plus
+// two. The same sequence as paged_row's (the last b with cu_seqlens[b] <= t) for every valid
+// table; -1 where paged_row gives -1.
+__device__ __forceinline__ int64_t paged_row_warp(const moekit_mla_decompress_params &p, int t, int lane) {
+  const int b = lane;
+  bool starts_before = false;  // cu_seqlens[b] <= t
+  int64_t row = -1;            // token t's row if b is its sequence
+  if (b < p.num_seqs) {
+    const int first = p.cu_seqlens[b];
+    const int next = p.cu_seqlens[b + 1];
+    const int64_t start = p.seq_starts != nullptr ? p.seq_starts[b] : 0;
+    starts_before = first <= t;
+    if (starts_before && t < next) {
+      const int64_t pos = start + (t - first);
+      if (pos >= 0 && pos / p.block_size < p.max_blocks_per_seq) {
+        const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
+        if (block >= 0 && block < p.num_rows / p.block_size) row = block * p.block_size + pos % p.block_size;
+      }
+    }
+  }
+  const unsigned before = __ballot_sync(0xffffffffu, starts_before);
+  if (before == 0) return -1;
+  const int owner = 31 - __clz(before);
+  const long long r = __shfl_sync(0xffffffffu, (long long)row, owner);
+  return r;
+}
+
 __device__ __forceinline__ int64_t oracle_row(const moekit_mla_decompress_params &p, int t) {
   if (p.block_table != nullptr) return paged_row(p, t);
   return t < p.num_rows ? t : -1;
@@ -63,13 +92,16 @@ __global__ void prepare_kernel(const moekit_mla_decompress_params p) {
 // ~3 us, a chain of dependent loads (sequence search, block id, row), is not hidden: a warp-wide
 // 32-way search that saved one round of it measured the same (65.22 vs 65.23 us).
 constexpr int kGatherWarps = 8;
-__global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_mla_decompress_params p) {
+__global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_mla_decompress_params p,
+                                                                   const bool warp_lookup) {
   allow_next_grid();  // the WGMMA kernel waits for this grid's completion before reading its output
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.tile_counter = 0;
   const int t = blockIdx.x * kGatherWarps + threadIdx.x / 32;
   if (t >= p.tokens) return;
   const int lane = threadIdx.x % 32;
-  const int64_t src = paged_row(p, t);  // every lane the same loads (broadcast)
+  // Every lane the same row: a warp-wide lookup for up to 32 sequences, else the binary search
+  // (every lane the same loads, broadcast).
+  const int64_t src = p.num_seqs <= 32 && warp_lookup ? paged_row_warp(p, t, lane) : paged_row(p, t);
   const int latent_vecs = p.rank / 8, row_vecs = (p.rank + p.d_rope) / 8;  // 16-byte vectors
   const uint4 *latent = static_cast<const uint4 *>(p.latent) + (src < 0 ? 0 : src * p.latent_stride / 8);
   const uint4 *k_pe = static_cast<const uint4 *>(p.k_pe) + (src < 0 ? 0 : src * p.k_pe_stride / 8);
@@ -165,7 +197,8 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   moekit_mla_decompress_params p = params;
   const bool pregathered = p.block_table != nullptr && p.gathered != nullptr && pregather_enabled();
   if (pregathered) {
-    gather_kernel<<<(unsigned)ceil_div(p.tokens, kGatherWarps), kGatherWarps * 32, 0, stream>>>(p);
+    static const bool warp_lookup = env_switch("MOEKIT_MLA_WARP_LOOKUP", 1) != 0;  // EXPERIMENT
+    gather_kernel<<<(unsigned)ceil_div(p.tokens, kGatherWarps), kGatherWarps * 32, 0, stream>>>(p, warp_lookup);
     MOEKIT_TRY_LAUNCH();
     // From here on the source is contiguous: token t's row is row t of the gathered buffer.
     p.latent = p.gathered;
