@@ -89,8 +89,8 @@ __global__ void prepare_kernel(const moekit_mla_decompress_params p) {
 // Why: the WGMMA kernel reads each latent tile once per head (128 times for DeepSeek-V3), so its
 // own gather (kTmaA = false) cost 5.7% over a contiguous source at T = 8192 and 10% at T = 1024;
 // gathered once here, 1.7% and 5.3% (H200, BENCHMARKS.md run 23). At T = 1024 this kernel's
-// ~3 us, a chain of dependent loads (sequence search, block id, row), is not hidden: a warp-wide
-// 32-way search that saved one round of it measured the same (65.22 vs 65.23 us).
+// ~3 us, a chain of dependent loads (sequence search, block id, row), is not hidden; the warp-wide
+// lookup below takes it from ~6 dependent loads to 3 for batches of up to 32 sequences.
 constexpr int kGatherWarps = 8;
 __global__ void __launch_bounds__(kGatherWarps * 32) gather_kernel(const moekit_mla_decompress_params p,
                                                                    const bool warp_lookup) {
@@ -197,7 +197,10 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   moekit_mla_decompress_params p = params;
   const bool pregathered = p.block_table != nullptr && p.gathered != nullptr && pregather_enabled();
   if (pregathered) {
-    static const bool warp_lookup = env_switch("MOEKIT_MLA_WARP_LOOKUP", 1) != 0;  // EXPERIMENT
+    // The warp-wide sequence lookup (paged_row_warp) against the binary search, H200 (BENCHMARKS.md
+    // run 27 call 10, 4 rounds): paged T = 1024 65.26-65.52 -> 64.64-65.06 us, +5.0..+5.3% ->
+    // +4.2..+4.6% over the contiguous source. MOEKIT_MLA_WARP_LOOKUP=0 forces the search (A/B).
+    static const bool warp_lookup = env_switch("MOEKIT_MLA_WARP_LOOKUP", 1) != 0;
     gather_kernel<<<(unsigned)ceil_div(p.tokens, kGatherWarps), kGatherWarps * 32, 0, stream>>>(p, warp_lookup);
     MOEKIT_TRY_LAUNCH();
     // From here on the source is contiguous: token t's row is row t of the gathered buffer.
