@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 #[derive(Parser, Debug)]
 #[command(about = "moekit's benchmark report")]
 struct Args {
-    /// Only cases whose name contains one of these comma-separated substrings.
+    /// Only cases whose name contains one of these comma-separated substrings (`=NAME`: the case
+    /// named exactly NAME).
     #[arg(long, default_value = "")]
     filter: String,
     /// Write the results as JSON here.
@@ -37,6 +38,15 @@ fn main() {
     if let Err(e) = run(&args) {
         eprintln!("bench_report: {e}");
         std::process::exit(1);
+    }
+}
+
+/// A case is selected by a filter it contains, or, for a filter starting with `=`, by the rest of
+/// the filter exactly (`=dsv3/T4096/gemm-up-swiglu` leaves out `...-swiglu-balanced`).
+fn matches_filter(name: &str, filter: &str) -> bool {
+    match filter.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(filter),
     }
 }
 
@@ -64,7 +74,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         // The copy ceiling always runs first: it sets the roofline of every later case.
         let is_ceiling = spec.name.starts_with("ceiling/");
         let always = is_ceiling || spec.name.starts_with("reference/");
-        if !always && !filters.is_empty() && !filters.iter().any(|f| spec.name.contains(f)) {
+        if !always && !filters.is_empty() && !filters.iter().any(|f| matches_filter(&spec.name, f))
+        {
             continue;
         }
         let mut case = spec.build(&ctx)?;
@@ -114,4 +125,22 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches_filter;
+
+    #[test]
+    fn filters_match_substrings_or_exact_names() {
+        let (plain, balanced) = (
+            "dsv3/T4096/gemm-up-swiglu",
+            "dsv3/T4096/gemm-up-swiglu-balanced",
+        );
+        assert!(matches_filter(plain, "gemm-up"));
+        assert!(matches_filter(balanced, "dsv3/T4096/gemm-up-swiglu"));
+        assert!(matches_filter(plain, "=dsv3/T4096/gemm-up-swiglu"));
+        assert!(!matches_filter(balanced, "=dsv3/T4096/gemm-up-swiglu"));
+        assert!(!matches_filter(plain, "=gemm-up-swiglu"));
+    }
 }
