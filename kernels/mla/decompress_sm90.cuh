@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // k_pe may be the gather kernel's output, written while this grid was already launched:
         // plain L2 loads (ld.global.cg), not the read-only path, which assumes data constant for
         // the kernel's whole life.
-        wait_for_previous_grid();  // k_pe may be the gather kernel's output
+        wait_for_previous_grid();  // ... so it is read only once that grid has finished
         const int q = p - 32;
         const int lane = p % 32;
         const int rope_chunks = a.d_rope / 8;
