@@ -315,6 +315,35 @@ fn download(s: &Arc<CudaStream>, d: &CudaSlice<bf16>) -> Vec<f32> {
         .collect()
 }
 
+/// The plan of `ids` under `cfg` and random X, then, for each `(epilogue, N, outputs per row)`,
+/// random W `[E, N, K]` and the WGMMA kernel against the oracle (relative L2 error under 1e-2).
+fn wgmma_vs_oracle_for_ids(
+    s: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    ids: &[i32],
+    k: usize,
+    problems: impl IntoIterator<Item = (Epilogue<'static>, usize, usize)>,
+    seed: u64,
+) {
+    let t = ids.len() / cfg.top_k;
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(ids).unwrap(), t).unwrap();
+    let rows = cfg.max_rows();
+    let e = cfg.num_experts;
+    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
+    for (epilogue, n, n_out) in problems {
+        let label = format!("{epilogue:?}");
+        let w =
+            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
+        let p = GemmProblem::new(n, k).epilogue(epilogue);
+        let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
+        assert!(
+            err < 1e-2,
+            "K={k} N={n} {label}: WGMMA vs oracle {err:.3e} (seed {seed})"
+        );
+    }
+}
+
 /// A DeepSeek-V3-shaped expert GEMM (K = 7168, N = 4096) on fewer tokens: the WGMMA kernel against
 /// the oracle everywhere, and against the CPU on a sample of rows.
 #[test]
@@ -376,9 +405,8 @@ fn w_tile_pairs_against_the_oracle() {
     let Some(ctx) = gpu("w_tile_pairs_against_the_oracle") else {
         return;
     };
-    let s = ctx.stream();
     let seed = fresh_seed();
-    let (t, top_k, e, k) = (700, 4, 24, 4096);
+    let (t, top_k, e) = (700, 4, 24);
     let cfg = PlanConfig::new(t, top_k, e).block_m(BLOCK_M);
     let mut r = rng(seed);
     let ids = loop {
@@ -387,21 +415,8 @@ fn w_tile_pairs_against_the_oracle() {
             break ids;
         }
     };
-    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
-    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
-    let rows = cfg.max_rows();
-    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
-    for (epilogue, n, n_out) in [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)] {
-        let w =
-            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
-        let p = GemmProblem::new(n, k).epilogue(epilogue);
-        let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
-        assert!(
-            err < 1e-2,
-            "K=4096 N={n} {}: WGMMA vs oracle {err:.3e} (seed {seed})",
-            if n_out == n { "store" } else { "SwiGLU" }
-        );
-    }
+    let problems = [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)];
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
 }
 
 /// K = 4096 pairs whose experts end in a tile of at most 64 rows behind an even number of full
@@ -416,7 +431,6 @@ fn tail_pairs_against_the_oracle() {
     let Some(ctx) = gpu("tail_pairs_against_the_oracle") else {
         return;
     };
-    let s = ctx.stream();
     let seed = fresh_seed();
     let sizes = [300usize, 280, 129, 600, 520, 0, 5, 384];
     let mut ids: Vec<i32> = sizes
@@ -427,27 +441,13 @@ fn tail_pairs_against_the_oracle() {
     // Tokens in a random order, so every segment gathers rows from all over x.
     use rand::seq::SliceRandom;
     ids.shuffle(&mut rng(seed));
-    let (t, e, k) = (ids.len(), sizes.len(), 4096);
-    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
-    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
-    plan.build(s, &s.clone_htod(&ids).unwrap(), t).unwrap();
-    let rows = cfg.max_rows();
-    let x = moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
-    for (epilogue, n, n_out) in [
+    let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
+    let problems = [
         (Epilogue::Store, 1024, 1024),
         (Epilogue::SwiGlu, 1024, 512),
         (Epilogue::Store, 640, 640),
-    ] {
-        let label = format!("{epilogue:?}");
-        let w =
-            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
-        let p = GemmProblem::new(n, k).epilogue(epilogue);
-        let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
-        assert!(
-            err < 1e-2,
-            "K=4096 N={n} {label}: WGMMA vs oracle {err:.3e} (seed {seed})"
-        );
-    }
+    ];
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
 }
 
 #[test]

@@ -114,7 +114,8 @@ impl Default for SuiteOptions {
     }
 }
 
-/// (anchor prefix, E, k, hidden, moe_intermediate) of the models the anchors measure.
+/// (anchor prefix, E, k, hidden, moe_intermediate) of the models the anchors measure; DeepSeek-V3
+/// first (the balanced and Zipf GEMM cases take its shape).
 const MODELS: [(&str, usize, usize, usize, usize); 3] = [
     ("dsv3", 256, 8, 7168, 2048),
     ("qwen3", 128, 8, 2048, 768),
@@ -674,11 +675,7 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             }
         }
     }
-    for (model, e, h) in [
-        ("dsv3", 256, 7168),
-        ("qwen3", 128, 2048),
-        ("mixtral", 8, 4096),
-    ] {
+    for (model, e, _, h, _) in MODELS {
         for &t in &opts.tokens {
             let name = format!("{model}/T{t}/router");
             v.push(CaseSpec::new(name.clone(), move |ctx| {
@@ -702,6 +699,8 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     // The same GEMMs with every expert at exactly T·k/E rows: against the uniform cases, what the
     // ragged last M tiles of uniform routing cost (a tile of a few rows streams a whole W tile;
     // BENCHMARKS.md run 25).
+    let (_, e, k, h, i) = MODELS[0];
+    let dsv3 = (e, k, h, i);
     for &t in &opts.tokens {
         for (stage, suffix) in [
             (GemmStage::UpSwiGlu, "gemm-up-swiglu-balanced"),
@@ -709,28 +708,14 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
         ] {
             let name = format!("dsv3/T{t}/{suffix}");
             v.push(CaseSpec::new(name.clone(), move |ctx| {
-                gemm_case(
-                    ctx,
-                    &name,
-                    t,
-                    (256, 8, 7168, 2048),
-                    stage,
-                    Routing::Balanced,
-                )
+                gemm_case(ctx, &name, t, dsv3, stage, Routing::Balanced)
             }));
         }
     }
     for &t in &opts.tokens {
         let name = format!("dsv3/T{t}/gemm-up-zipf1.2");
         v.push(CaseSpec::new(name.clone(), move |ctx| {
-            gemm_case(
-                ctx,
-                &name,
-                t,
-                (256, 8, 7168, 2048),
-                GemmStage::Up,
-                Routing::Zipf(1.2),
-            )
+            gemm_case(ctx, &name, t, dsv3, GemmStage::Up, Routing::Zipf(1.2))
         }));
     }
     for t in [1024, 8192, 32768] {
