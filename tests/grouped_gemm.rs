@@ -450,6 +450,30 @@ fn tail_pairs_against_the_oracle() {
     wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
 }
 
+/// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
+/// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
+/// small and an empty expert; K = 4096 runs the 2-CTA pairs, K = 2048 single CTAs.
+#[test]
+fn banded_experts_against_the_oracle() {
+    let Some(ctx) = gpu("banded_experts_against_the_oracle") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let sizes = [3200usize, 70, 4096, 0, 6500];
+    let mut ids: Vec<i32> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
+        .collect();
+    use rand::seq::SliceRandom;
+    ids.shuffle(&mut rng(seed));
+    let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
+    for k in [4096, 2048] {
+        let problems = [(Epilogue::Store, 512, 512), (Epilogue::SwiGlu, 512, 256)];
+        wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, k, problems, seed);
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let Some(ctx) = gpu("bad_inputs_are_refused") else {

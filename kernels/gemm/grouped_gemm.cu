@@ -151,6 +151,21 @@ static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
   return p.k >= 4096;
 }
 
+// The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
+// more sweeps in bands of at most this many, as even as they come. Without bands, the CTAs at work
+// hold ~4 column blocks of all 32 M tiles of a Mixtral expert at T = 16384 (its down projection's
+// X rows, 117 MB, cannot stay in L2 between the column blocks); two bands hold ~8 column blocks of
+// 16 M tiles, fewer bytes per wave, at the price of streaming W twice. Measured (H200, BENCHMARKS.md
+// run 28 call 1, 3 rounds, us, no bands / bands of <= 8 / 16 / 24): Mixtral T = 16384 down
+// 5772-5776 / 5797-5800 / 5609-5674 / 5622-5655, gate+up SwiGLU 11606-11621 / 11750-11771 /
+// 11584-11593 / 11576-11583, plain gate+up 11659-11698 / 11854-11868 / 11677-11683 /
+// 11669-11678; DeepSeek-V3 T = 16384 (4-5 M tiles per expert) unchanged. Bands of 8 stream W
+// four times and lose. MOEKIT_GEMM_BAND=n sets the limit (0: no bands), for A/B timing.
+static int band_m_tiles() {
+  static const int v = env_switch("MOEKIT_GEMM_BAND", 24);
+  return v > 0 ? v : 0;
+}
+
 // Split-K second pass: y[r, :] = sum over splits (in order) of partials[split][r, :], for the rows
 // of the single expert's segment (rows past it keep what y held, as without split-K).
 __global__ void split_k_reduce_kernel(const float *__restrict__ partials, int split_k, int64_t split_stride,
@@ -284,6 +299,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.split_stride = 0;
   a.split_k = 1;
   a.kb_per_split = (int32_t)moekit::ceil_div(p->k, kBlockK);
+  a.band_m = band_m_tiles();
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

@@ -72,6 +72,9 @@ struct Args {
   int32_t n;      // weight rows per expert
   int32_t k;
   int32_t n_out;  // output columns (n, or n/2 for SwiGLU); also the row stride of y
+  // Experts with more M tiles than this sweep their column blocks in bands of at most this many M
+  // tiles (decode_tile); 0: one band per expert.
+  int32_t band_m;
 };
 
 struct Tile {
@@ -83,7 +86,8 @@ struct Tile {
 
 // Persistent tile t -> (M tile, column block). The M tiles of expert e are consecutive entries of
 // the plan's list, [base, base + m_tiles); its tiles are t in [base * nb, (base + m_tiles) * nb),
-// ordered column-block-major so consecutive CTAs share a W tile.
+// ordered column-block-major so consecutive CTAs share a W tile (within bands of M tiles for
+// experts of more than a.band_m M tiles).
 //
 // kTailPairs (the 2-CTA clusters, whose CTAs run consecutive tiles in lockstep): an expert whose
 // last M tile holds at most 64 rows behind an even number of full tiles (DeepSeek-V3 T = 16384:
@@ -106,7 +110,18 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   const int m_tiles = (count + kBlockM - 1) / kBlockM;
   const int local = t - base * col_blocks;
   int m_tile = local % m_tiles, col_block = local / m_tiles;
-  if (kTailPairs) {
+  if (a.band_m > 0 && m_tiles > a.band_m) {
+    // Bands of an even number of M tiles (a pair stays within one column block), all but the last
+    // of size `band` (bands of 33 M tiles under a limit of 24: 18 and 15); each band sweeps every
+    // column block before the next starts (grouped_gemm.cu's band_m_tiles says why).
+    const int bands = (m_tiles + a.band_m - 1) / a.band_m;
+    const int band = ((m_tiles + bands - 1) / bands + 1) & ~1;
+    const int j = local / (band * col_blocks);
+    const int r = local - j * band * col_blocks;
+    const int size = min(band, m_tiles - j * band);
+    m_tile = j * band + r % size;
+    col_block = r / size;
+  } else if (kTailPairs) {
     const int full = m_tiles - 1;
     if (full >= 2 && full % 2 == 0 && col_blocks % 2 == 0 && count - full * kBlockM <= 64) {
       const int group = local / (2 * m_tiles), r = local % (2 * m_tiles);

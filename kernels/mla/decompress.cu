@@ -15,8 +15,21 @@
 namespace moekit {
 namespace mla {
 
+// The cache row of token t as token t - first of sequence b (whose tokens are [first, next) and
+// whose cache position starts at `start`), or -1 when t lies outside the sequence or the table
+// does not map it (every bad device-side value lands here instead of out of bounds).
+__device__ __forceinline__ int64_t row_in_sequence(const moekit_mla_decompress_params &p, int b, int t, int first,
+                                                   int next, int64_t start) {
+  if (t < first || t >= next) return -1;
+  const int64_t pos = start + (t - first);
+  if (pos < 0 || pos / p.block_size >= p.max_blocks_per_seq) return -1;
+  const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
+  if (block < 0 || block >= p.num_rows / p.block_size) return -1;
+  return block * p.block_size + pos % p.block_size;
+}
+
 // The cache row of token t under the paged addressing of moekit_mla_decompress_params, or -1 when
-// the table does not map it (every bad device-side value lands here instead of out of bounds).
+// the table does not map it.
 __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params &p, int t) {
   // The last sequence b whose first token is <= t.
   int lo = 0, hi = p.num_seqs - 1;
@@ -29,13 +42,7 @@ __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params 
     }
   }
   const int b = lo;
-  const int first = p.cu_seqlens[b];
-  if (t < first || t >= p.cu_seqlens[b + 1]) return -1;
-  const int64_t pos = (int64_t)(p.seq_starts != nullptr ? p.seq_starts[b] : 0) + (t - first);
-  if (pos < 0 || pos / p.block_size >= p.max_blocks_per_seq) return -1;
-  const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
-  if (block < 0 || block >= p.num_rows / p.block_size) return -1;
-  return block * p.block_size + pos % p.block_size;
+  return row_in_sequence(p, b, t, p.cu_seqlens[b], p.cu_seqlens[b + 1], p.seq_starts != nullptr ? p.seq_starts[b] : 0);
 }
 
 // paged_row for a whole warp asking about the same token t, when the batch has at most 32
@@ -52,13 +59,7 @@ __device__ __forceinline__ int64_t paged_row_warp(const moekit_mla_decompress_pa
     const int next = p.cu_seqlens[b + 1];
     const int64_t start = p.seq_starts != nullptr ? p.seq_starts[b] : 0;
     starts_before = first <= t;
-    if (starts_before && t < next) {
-      const int64_t pos = start + (t - first);
-      if (pos >= 0 && pos / p.block_size < p.max_blocks_per_seq) {
-        const int64_t block = p.block_table[(int64_t)b * p.max_blocks_per_seq + pos / p.block_size];
-        if (block >= 0 && block < p.num_rows / p.block_size) row = block * p.block_size + pos % p.block_size;
-      }
-    }
+    row = row_in_sequence(p, b, t, first, next, start);
   }
   const unsigned before = __ballot_sync(0xffffffffu, starts_before);
   if (before == 0) return -1;
