@@ -4,7 +4,7 @@
 // otherwise three short kernels:
 //
 //   1. rank:   one warp per chunk of assignments walks its chunk in order and ranks each assignment
-//              among the chunk's earlier assignments of the same expert (__match_any_sync), giving
+//              among the chunk's earlier assignments of the same expert (rank_in_warp), giving
 //              per-(expert, chunk) counts. No atomics, so the ranks are deterministic.
 //   2. scan:   one warp per expert turns its per-chunk counts into per-chunk starting ranks and
 //              the expert's total.
@@ -51,12 +51,42 @@ __device__ __forceinline__ int local_expert(const moekit_plan_params &p, int id,
   return e;
 }
 
+// The lanes of the warp whose local expert equals this lane's e (e = -1: the lanes without one).
+// id_bits < 0: __match_any_sync. Otherwise e < 2^id_bits and the mask is built from one ballot per
+// bit of e (plus one for e >= 0): every lane keeps the lanes that agree with it on each bit. Both
+// give the same mask; match.any measured ~0.5 us per 32 ids per warp with 16 warps per SM
+// (BENCHMARKS.md run 27), the ballots (9 for 256 experts) are plain ALU work. Plan, H200, us
+// (BENCHMARKS.md run 28 call 3, 5 rounds, match.any -> ballots): DeepSeek-V3 T = 4096
+// 10.16-10.45 -> 9.55-9.86, T = 16384 13.66-14.05 -> 12.70-13.02; Qwen3 T = 4096 9.70-9.98 ->
+// 9.31-9.50; Mixtral (E = 8) unchanged.
+__device__ __forceinline__ unsigned same_expert_lanes(int e, int id_bits) {
+  if (id_bits < 0) return __match_any_sync(kFullMask, e);
+  const unsigned placed = __ballot_sync(kFullMask, e >= 0);
+  unsigned same = e >= 0 ? placed : ~placed;
+  for (int b = 0; b < id_bits; ++b) {
+    const bool bit = (e >> b) & 1;
+    const unsigned with_bit = __ballot_sync(kFullMask, bit);
+    same &= bit ? with_bit : ~with_bit;
+  }
+  return same;
+}
+
+// Bits of a local expert index below num_local (0 for one expert); -1 selects __match_any_sync
+// (MOEKIT_PLAN_MATCH_ANY=1, for A/B timing).
+static int rank_id_bits(int num_local) {
+  static const int match_any = env_switch("MOEKIT_PLAN_MATCH_ANY", 0);
+  if (match_any == 1) return -1;
+  int bits = 0;
+  while ((1 << bits) < num_local) ++bits;
+  return bits;
+}
+
 // One step of a warp's ranking, every lane calling it: the rank of this lane's assignment of
 // local expert e (-1: none) among the warp's assignments of e so far (count[e] of them, in this
 // warp's counters) plus its lower lanes with the same expert; count[e] then advances by the lanes
 // of e. No atomics, so the ranks are deterministic. The rank is 0 for e = -1.
-__device__ __forceinline__ int rank_in_warp(int *count, int e, int lane) {
-  const unsigned same = __match_any_sync(kFullMask, e);
+__device__ __forceinline__ int rank_in_warp(int *count, int e, int lane, int id_bits) {
+  const unsigned same = same_expert_lanes(e, id_bits);
   const unsigned earlier = same & lanemask_lt(lane);
   const int rank = e >= 0 ? count[e] + __popc(earlier) : 0;
   __syncwarp();  // every lane has read count[e] before the group's first lane advances it
@@ -66,7 +96,8 @@ __device__ __forceinline__ int rank_in_warp(int *count, int e, int lane) {
 }
 
 __global__ void __launch_bounds__(kRankWarps * 32)
-    rank_kernel(const moekit_plan_params p, const int64_t n_assign, const int num_local, const int n_chunks) {
+    rank_kernel(const moekit_plan_params p, const int64_t n_assign, const int num_local, const int n_chunks,
+                const int id_bits) {
   extern __shared__ int rank_counts[];  // [kRankWarps][num_local]
   allow_next_grid();
   const int lane = threadIdx.x & 31;
@@ -91,7 +122,7 @@ __global__ void __launch_bounds__(kRankWarps * 32)
     for (int b = 0; b < kRankBatch; ++b) {
       const int64_t a = base + b * 32 + lane;
       const int e = local_expert(p, ids[b], a < end, invalid);
-      const int rank = rank_in_warp(count, e, lane);
+      const int rank = rank_in_warp(count, e, lane, id_bits);
       if (e >= 0) p.assignment_rank[a] = rank;
     }
   }
@@ -297,7 +328,7 @@ static moekit_status launch_plan_grid(const moekit_plan_params &p, int64_t n_ass
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, plan_grid_kernel, p, (int)n_assign, num_local, per_lane, n_chunks,
-                                           p.grid_barrier);
+                                           p.grid_barrier, rank_id_bits(num_local));
   if (e == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();  // e.g. an MPS client with fewer SMs: the three kernels instead
     return MOEKIT_ERR_UNSUPPORTED;
@@ -327,8 +358,8 @@ extern "C" moekit_status moekit_routing_plan(const moekit_plan_params *p, moekit
   if (n_chunks > 0) {
     const size_t smem = sizeof(int) * kRankWarps * (size_t)num_local;
     MOEKIT_TRY(allow_dynamic_smem(rank_kernel, smem));
-    rank_kernel<<<(unsigned)ceil_div(n_chunks, kRankWarps), kRankWarps * 32, smem, stream>>>(*p, n_assign,
-                                                                                            num_local, n_chunks);
+    rank_kernel<<<(unsigned)ceil_div(n_chunks, kRankWarps), kRankWarps * 32, smem, stream>>>(
+        *p, n_assign, num_local, n_chunks, rank_id_bits(num_local));
     MOEKIT_TRY_LAUNCH();
   }
   // The scan and place kernels are programmatic dependents: their launch latency overlaps the

@@ -5,7 +5,7 @@
 // hundred KB.
 //
 //   1. rank:   warp w of CTA c ranks assignments [(c * kGridWarps + w) * 32 * per_lane, + 32 *
-//              per_lane) with __match_any_sync into its own per-expert counters in shared memory,
+//              per_lane) (plan.cu's rank_in_warp) into its own per-expert counters in shared memory,
 //              keeping each lane's ids and ranks in registers. Thread e then replaces expert e's
 //              counters by their prefix over the CTA's warps and publishes the CTA's total for e.
 //   2. grid barrier.
@@ -52,7 +52,7 @@ inline size_t grid_smem_ints(int num_local) { return (size_t)kGridWarps * num_lo
 // host_chunks entries the host sums (n_ctas <= MOEKIT_PLAN_TARGET_CHUNKS, the array's length).
 __global__ void __launch_bounds__(kGridThreads)
     plan_grid_kernel(const moekit_plan_params p, const int n_assign, const int num_local, const int per_lane,
-                     const int host_chunks, unsigned *barrier_word) {
+                     const int host_chunks, unsigned *barrier_word, const int id_bits) {
   extern __shared__ int grid_smem[];
   int *counts = grid_smem;                              // [kGridWarps][num_local]: counts, then starts
   int *bases = counts + kGridWarps * num_local;         // [num_local] rows of lower CTAs per expert
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kGridThreads)
     if (b < per_lane) {
       const int a = begin + b * 32 + lane;
       const int e = local_expert(p, held[b], a < n_assign, invalid);
-      const int rank = rank_in_warp(my_counts, e, lane);  // < 32 * per_lane
+      const int rank = rank_in_warp(my_counts, e, lane, id_bits);  // < 32 * per_lane
       held[b] = e >= 0 ? rank << 16 | e : -1;
     }
   }
