@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   extern __shared__ uint8_t smem_raw[];
   // Swizzled tiles must start on 1024-byte boundaries.
-  uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t *smem = sm90::align_smem_1024(smem_raw);
   __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *sb = sa + kStages * kTileA;
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][kStagingBufs][16 KB]

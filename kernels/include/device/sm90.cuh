@@ -14,6 +14,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The first 1024-byte boundary at or after p, a pointer into shared memory (tiles in the 128-byte
+// swizzle must start on one). Offset from p itself rather than rounded through an integer: through
+// uintptr_t the compiler lost the address space, and every access to the staging buffers and stage
+// records became a generic ST.E / LD.E with 64-bit address arithmetic (BENCHMARKS.md run 28).
+__device__ __forceinline__ uint8_t *align_smem_1024(uint8_t *p) { return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u); }
+
 // ---- mbarrier -------------------------------------------------------------------------------
 
 __device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t arrivals) {
