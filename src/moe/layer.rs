@@ -1,5 +1,6 @@
 //! The MoE layer on the GPU: router GEMM → gating → routing plan → permute → grouped GEMM with
-//! fused SwiGLU → grouped GEMM scaled by the routing weights → combine (+ the shared expert).
+//! fused SwiGLU → down grouped GEMM → combine weighted by the routing weights (+ the shared
+//! expert).
 
 use std::sync::Arc;
 
@@ -25,11 +26,11 @@ pub enum Stage {
     Permute,
     /// Gate+up grouped GEMM with fused SwiGLU.
     GemmUp,
-    /// Down grouped GEMM scaled by the routing weights.
+    /// Down grouped GEMM (plain; combine applies the routing weights).
     GemmDown,
     /// The shared expert: two dense GEMMs (none when the layer has no shared expert).
     Shared,
-    /// The sum of each token's expert rows and the shared expert's output.
+    /// The routing-weighted sum of each token's expert rows, plus the shared expert's output.
     Combine,
 }
 
@@ -490,9 +491,12 @@ impl MoeLayer {
         let up = GemmProblem::new(2 * i, h).epilogue(Epilogue::SwiGlu);
         grouped_gemm(stream, &mut ws.plan, &up, &ws.xp, &self.w.w13, &mut ws.act)?;
         after(Stage::GemmUp)?;
-        let down = GemmProblem::new(h, i).epilogue(Epilogue::RowScale {
-            weights: ws.weights.slice(..tokens * k),
-        });
+        // The routing weights are applied by combine (in f32, on the way into its sum), not by the
+        // down projection's row-scale epilogue: that epilogue stages f32 (4 passes per 256-column
+        // tile against 2 for bf16), and the plain one made the layer 1.1-1.7% faster at
+        // DeepSeek-V3 T = 4096 and 4% at Qwen3 T = 4096 (BENCHMARKS.md run 28 call 6). Either way
+        // each product is rounded to bf16 once.
+        let down = GemmProblem::new(h, i);
         grouped_gemm(stream, &mut ws.plan, &down, &ws.act, &self.w.w2, &mut ws.yd)?;
         after(Stage::GemmDown)?;
         if let (Some(w13), Some(w2), Some(act), Some(y)) = (
@@ -513,7 +517,8 @@ impl MoeLayer {
             )?;
         }
         after(Stage::Shared)?;
-        let mut inputs = CombineInputs::<bf16, bf16>::new(ws.yd.as_view(), None);
+        let weights = ws.weights.slice(..tokens * k);
+        let mut inputs = CombineInputs::<bf16, bf16>::new(ws.yd.as_view(), Some(weights));
         if let Some(y) = &ws.shared_out {
             inputs = inputs.shared(y.slice(..tokens * h));
         }
