@@ -452,7 +452,8 @@ fn tail_pairs_against_the_oracle() {
 
 /// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
 /// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
-/// small and an empty expert; K = 4096 runs the 2-CTA pairs, K = 2048 single CTAs.
+/// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 runs the
+/// 2-CTA pairs, K = 2048 single CTAs.
 #[test]
 fn banded_experts_against_the_oracle() {
     let Some(ctx) = gpu("banded_experts_against_the_oracle") else {
