@@ -10,8 +10,9 @@
 //!   written (padding rows and rows past the total keep their contents).
 //!
 //! Epilogues: plain store; fused SwiGLU for the gate+up projection (`W13 [E, 2I, H]`, gate rows
-//! first: writes `silu(gate) · up`, `N_out = I`); a per-row scale by the row's routing weight (the
-//! down projection, so combine becomes a plain sum).
+//! first: writes `silu(gate) · up`, `N_out = I`); a per-row scale by the row's routing weight (folds
+//! the weights into the down projection, so combine can be a plain sum; the MoE layer applies them
+//! in combine instead, which measured faster).
 //!
 //! The kernel is a persistent, warp-specialized sm_90a kernel (TMA producer, two WGMMA consumer
 //! warpgroups, 128 × 256 tiles; for K ≥ 4096 as 2-CTA clusters whose CTAs each load half of a

@@ -152,7 +152,8 @@ static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
 }
 
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
-// more sweeps in bands of at most this many, as even as they come. Without bands, the CTAs at work
+// more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
+// last one may be short). Without bands, the CTAs at work
 // hold ~4 column blocks of all 32 M tiles of a Mixtral expert at T = 16384 (its down projection's
 // X rows, 117 MB, cannot stay in L2 between the column blocks); two bands hold ~8 column blocks of
 // 16 M tiles, fewer bytes per wave, at the price of streaming W twice. Measured (H200, BENCHMARKS.md

@@ -72,8 +72,8 @@ struct Args {
   int32_t n;      // weight rows per expert
   int32_t k;
   int32_t n_out;  // output columns (n, or n/2 for SwiGLU); also the row stride of y
-  // Experts with more M tiles than this sweep their column blocks in bands of at most this many M
-  // tiles (decode_tile); 0: one band per expert.
+  // Experts with more M tiles than this sweep their column blocks in bands of about this many M
+  // tiles (decode_tile; rounded up to an even count); 0: one band per expert.
   int32_t band_m;
 };
 
@@ -111,9 +111,11 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
   const int local = t - base * col_blocks;
   int m_tile = local % m_tiles, col_block = local / m_tiles;
   if (a.band_m > 0 && m_tiles > a.band_m) {
-    // Bands of an even number of M tiles (a pair stays within one column block), all but the last
-    // of size `band` (bands of 33 M tiles under a limit of 24: 18 and 15); each band sweeps every
-    // column block before the next starts (grouped_gemm.cu's band_m_tiles says why).
+    // Bands of an even number of M tiles (a pair that starts on an even tile stays within one
+    // column block), all but the last of size `band` (bands of 33 M tiles under a limit of 24: 18
+    // and 15); each band sweeps every column block before the next starts (grouped_gemm.cu's
+    // band_m_tiles says why). Banded experts keep this order even where kTailPairs would reorder
+    // their last tiles: their tail is one tile of dozens.
     const int bands = (m_tiles + a.band_m - 1) / a.band_m;
     const int band = ((m_tiles + bands - 1) / bands + 1) & ~1;
     const int j = local / (band * col_blocks);

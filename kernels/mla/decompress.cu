@@ -29,7 +29,7 @@ __device__ __forceinline__ int64_t row_in_sequence(const moekit_mla_decompress_p
 }
 
 // The cache row of token t under the paged addressing of moekit_mla_decompress_params, or -1 when
-// the table does not map it.
+// t lies in no sequence or the table does not map it.
 __device__ __forceinline__ int64_t paged_row(const moekit_mla_decompress_params &p, int t) {
   // The last sequence b whose first token is <= t.
   int lo = 0, hi = p.num_seqs - 1;

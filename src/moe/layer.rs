@@ -494,8 +494,9 @@ impl MoeLayer {
         // The routing weights are applied by combine (in f32, on the way into its sum), not by the
         // down projection's row-scale epilogue: that epilogue stages f32 (4 passes per 256-column
         // tile against 2 for bf16), and the plain one made the layer 1.1-1.7% faster at
-        // DeepSeek-V3 T = 4096 and 4% at Qwen3 T = 4096 (BENCHMARKS.md run 28 call 6). Either way
-        // each product is rounded to bf16 once.
+        // DeepSeek-V3 T = 4096 and 4-6% at Qwen3 T = 4096 (BENCHMARKS.md run 28 call 6). The
+        // expert output is now rounded to bf16 before its weight multiplies it in f32 (before,
+        // the weighted product was rounded): one rounding either way.
         let down = GemmProblem::new(h, i);
         grouped_gemm(stream, &mut ws.plan, &down, &ws.act, &self.w.w2, &mut ws.yd)?;
         after(Stage::GemmDown)?;

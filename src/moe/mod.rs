@@ -6,9 +6,9 @@
 //! plan                 = routing plan of ids                          (device side)
 //! xp [rows, H]         = x permuted into expert segments               permute
 //! act [rows, I]        = silu(xp · W1ᵀ) ⊙ (xp · W3ᵀ)                   grouped GEMM, SwiGLU
-//! yd [rows, H]         = w[row] · (act · W2ᵀ)                          grouped GEMM, row scale
+//! yd [rows, H]         = act · W2ᵀ                                     grouped GEMM
 //! shared [T, H]        = W2s · (silu(W1s x) ⊙ W3s x)                  dense SwiGLU MLP
-//! out [T, H]           = Σ over a token's rows of yd + shared          combine
+//! out [T, H]           = Σ over a token's rows of w[row] · yd + shared  combine, weighted
 //! ```
 //!
 //! Weights are bf16 `[out, in]` row-major ([`MoeWeights`]); a [`MoeLayer`] holds them on the GPU

@@ -1,7 +1,7 @@
 //! Reference of the MoE layer ([`crate::moe`]), composed from the reference ops: f32 dot products
 //! of bf16 values, the f64 gating reference, and bf16 rounding at the points where the GPU layer
-//! stores bf16 (the SwiGLU activations, each scaled expert output, the shared expert's output and
-//! the layer output), so GPU and reference differ only by summation order.
+//! stores bf16 (the SwiGLU activations, each expert output before its routing weight, the shared
+//! expert's output and the layer output), so GPU and reference differ only by summation order.
 
 use half::bf16;
 
@@ -49,8 +49,8 @@ pub fn mlp(x: &[bf16], w13: &[bf16], w2: &[bf16], hidden: usize, inter: usize) -
         .collect()
 }
 
-/// The layer's output for one token given its routing: `Σ_j bf16(w_j · expert_j(x)) + shared`,
-/// summed in f32 in slot order and rounded to bf16. `expert(e)` returns expert e's `w13`
+/// The layer's output for one token given its routing: `Σ_j w_j · bf16(expert_j(x)) + shared`,
+/// summed in f32 in slot order and rounded to bf16 (the GPU layer's combine applies the weights). `expert(e)` returns expert e's `w13`
 /// `[2I, H]` and `w2` `[H, I]`.
 pub fn token_output<'a>(
     cfg: &MoeConfig,
@@ -65,7 +65,7 @@ pub fn token_output<'a>(
     for (&e, &w) in ids.iter().zip(weights) {
         let (w13, w2) = expert(e as usize);
         for (a, y) in acc.iter_mut().zip(mlp(x, w13, w2, h, i)) {
-            *a += round(w * y);
+            *a += w * round(y);
         }
     }
     if let (Some(w13), Some(w2)) = (&dense.shared_w13, &dense.shared_w2) {
