@@ -419,6 +419,19 @@ fn w_tile_pairs_against_the_oracle() {
     wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
 }
 
+/// One-slot expert ids (k = 1) giving expert e exactly `sizes[e]` tokens, the tokens in a random
+/// order so that every segment gathers rows from all over x.
+fn ids_of_sizes(sizes: &[usize], seed: u64) -> Vec<i32> {
+    use rand::seq::SliceRandom;
+    let mut ids: Vec<i32> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
+        .collect();
+    ids.shuffle(&mut rng(seed));
+    ids
+}
+
 /// K = 4096 pairs whose experts end in a tile of at most 64 rows behind an even number of full
 /// tiles: those run column blocks two by two, the two last tiles paired with each other (the
 /// kernel's decode_tile). The expert sizes mix that case (300, 280 and 520 rows) with the ones
@@ -433,14 +446,7 @@ fn tail_pairs_against_the_oracle() {
     };
     let seed = fresh_seed();
     let sizes = [300usize, 280, 129, 600, 520, 0, 5, 384];
-    let mut ids: Vec<i32> = sizes
-        .iter()
-        .enumerate()
-        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
-        .collect();
-    // Tokens in a random order, so every segment gathers rows from all over x.
-    use rand::seq::SliceRandom;
-    ids.shuffle(&mut rng(seed));
+    let ids = ids_of_sizes(&sizes, seed);
     let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
     let problems = [
         (Epilogue::Store, 1024, 1024),
@@ -461,13 +467,7 @@ fn banded_experts_against_the_oracle() {
     };
     let seed = fresh_seed();
     let sizes = [3200usize, 70, 4096, 0, 6500];
-    let mut ids: Vec<i32> = sizes
-        .iter()
-        .enumerate()
-        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
-        .collect();
-    use rand::seq::SliceRandom;
-    ids.shuffle(&mut rng(seed));
+    let ids = ids_of_sizes(&sizes, seed);
     let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
     for k in [4096, 2048] {
         let problems = [(Epilogue::Store, 512, 512), (Epilogue::SwiGlu, 512, 256)];

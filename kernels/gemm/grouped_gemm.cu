@@ -153,10 +153,10 @@ static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
 
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
-// last one may be short). Without bands, the CTAs at work
-// hold ~4 column blocks of all 32 M tiles of a Mixtral expert at T = 16384 (its down projection's
-// X rows, 117 MB, cannot stay in L2 between the column blocks); two bands hold ~8 column blocks of
-// 16 M tiles, fewer bytes per wave, at the price of streaming W twice. Measured (H200, BENCHMARKS.md
+// last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
+// of a Mixtral expert at T = 16384 (its down projection's X rows, 117 MB, cannot stay in L2
+// between the column blocks); two bands hold ~8 column blocks of 16 M tiles, fewer bytes per
+// wave, at the price of streaming W twice. Measured (H200, BENCHMARKS.md
 // run 28 call 1, 3 rounds, us, no bands / bands of <= 8 / 16 / 24): Mixtral T = 16384 down
 // 5772-5776 / 5797-5800 / 5609-5674 / 5622-5655, gate+up SwiGLU 11606-11621 / 11750-11771 /
 // 11584-11593 / 11576-11583, plain gate+up 11659-11698 / 11854-11868 / 11677-11683 /

@@ -50,8 +50,8 @@ pub fn mlp(x: &[bf16], w13: &[bf16], w2: &[bf16], hidden: usize, inter: usize) -
 }
 
 /// The layer's output for one token given its routing: `Σ_j w_j · bf16(expert_j(x)) + shared`,
-/// summed in f32 in slot order and rounded to bf16 (the GPU layer's combine applies the weights). `expert(e)` returns expert e's `w13`
-/// `[2I, H]` and `w2` `[H, I]`.
+/// summed in f32 in slot order and rounded to bf16 (the GPU layer's combine applies the weights).
+/// `expert(e)` returns expert e's `w13` `[2I, H]` and `w2` `[H, I]`.
 pub fn token_output<'a>(
     cfg: &MoeConfig,
     dense: &MoeWeights,
