@@ -81,18 +81,40 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
   return std::min<int64_t>(p.max_tiles, ceil_div(p.rows, p.block_m) + p.num_local);
 }
 
-template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1>
+// Y [rows, n_out] bf16 written in boxes of 64 rows x 64 columns with the 128-byte swizzle (the
+// TMA-store epilogue's staging layout). False when the driver refuses the map (a base address
+// that is not 16-byte aligned).
+inline bool make_bf16_store_map(CUtensorMap *map, void *base, int64_t rows, int32_t cols) {
+  auto encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+  const cuuint32_t box[2] = {64, 64};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
+          int kTmaRounds = 0>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
-  CUtensorMap map_x, map_w;
+  CUtensorMap map_x, map_w, map_y;
   // Clusters load W in halves of BN/2 rows (each CTA one half, multicast); SwiGLU always does.
   const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU || kCluster > 1 ? BN / 2 : BN;
   if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, 64) ||
       !make_bf16_sw128_map(&map_w, p.w, (int64_t)p.num_local * p.n, p.k, w_box)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster>;
-  constexpr size_t smem = smem_bytes<BN, kStages>();
+  if constexpr (kTmaRounds > 0) {
+    if (!make_bf16_store_map(&map_y, p.y, std::max<int64_t>(p.rows, 1), a.n_out)) return MOEKIT_ERR_UNSUPPORTED;
+  } else {
+    map_y = map_x;  // unused
+  }
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster, kTmaRounds>;
+  constexpr size_t smem = smem_bytes<BN, kStages, kEpilogue, kTmaRounds>();
+  static_assert(smem <= 232448, "over the 227 KB of shared memory a block may use");
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
@@ -126,12 +148,12 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
-    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, a));
+    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_y, a));
     return MOEKIT_OK;
   } else {
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
-    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, a);
+    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, map_y, a);
     return last_launch_status();
   }
 }
@@ -149,6 +171,24 @@ static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
   static const int forced = env_switch("MOEKIT_GEMM_CLUSTER", 0);
   if (forced == 1 || forced == 2) return forced == 2;
   return p.k >= 4096;
+}
+
+// Whether the 128 x 256 kernels with a bf16 STORE or SWIGLU output write it through TMA stores
+// (grouped_gemm_sm90.cuh's epilogue_tma): the consumers stage the tile and go back to their MMAs
+// while the stores drain, where the staged 16-byte stores kept both consumers (and so the tensor
+// pipe) in the epilogue -- 7-8% of a K = 2048 GEMM (BENCHMARKS.md run 28). Staging the whole tile
+// takes 32 KB per consumer for 256 plain columns, so single CTAs run 3 stages; pairs (K >= 4096,
+// whose W tiles take longer to arrive) keep 4 and stage the plain tile in two rounds of 16 KB, the
+// second round's stores draining under the next tile; SwiGLU's 128 columns fit 16 KB with 4
+// stages. Measured (H200, BENCHMARKS.md run 29, staged stores -> TMA stores, us, 2 rounds each):
+// DeepSeek-V3 T = 16384 down 6728-6738 -> 6555 (3 stages, whole tile; 4 stages in two rounds:
+// 6647); Qwen3 T = 16384 down 642 -> 609-611 (two rounds: 627), gate+up 1162 -> 1139; Mixtral
+// T = 16384 plain gate+up (pairs) 11634-11648 -> 11375-11381 (3 stages, whole tile: +0.5..+1%);
+// DeepSeek-V3 T = 16384 SwiGLU (pairs) 12724 -> 12688; the plain pairs at K = 7168 and 14336 and
+// the layer at T = 4096 (memory-bound) unchanged. MOEKIT_GEMM_TMA_STORE=0 turns them off (A/B).
+static bool use_tma_stores() {
+  static const int v = env_switch("MOEKIT_GEMM_TMA_STORE", 1);
+  return v != 0;
 }
 
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
@@ -205,7 +245,9 @@ inline int choose_split_k(const moekit_grouped_gemm_params &p, const Args &a, in
 // Configuration heuristic.
 // - 128 x 256 tiles (two consumer warpgroups of m64n256), 4 stages of 48 KB = 192 KB of shared
 //   memory: every measured case (BENCHMARKS.md; 4 stages beat 3, 128 x 256 beat narrower tiles
-//   wherever there are enough tiles to fill the GPU).
+//   wherever there are enough tiles to fill the GPU). With TMA stores (use_tma_stores) a single
+//   CTA's plain bf16 output takes 3 stages and a 64 KB staging buffer instead: the epilogue that
+//   then overlaps the next tile's MMAs outweighs the shallower ring.
 // - 128 x 64 tiles, 8 stages of 24 KB, when 128 x 256 tiles would leave more than half of the SMs
 //   idle: narrow outputs over few rows, such as the router GEMM (N = E = 256, K = 7168: at
 //   T = 4096 only 33 tiles of 128 x 256 for 132 SMs, 4x as many of 128 x 64). Measured on the H200
@@ -219,6 +261,19 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 128 : 256;
   const int64_t wide_tiles = tile_bound(p) * ceil_div(a.n_out, cols_per_tile);
   if (2 * wide_tiles >= sm_count()) {
+    if constexpr (std::is_same<OutT, __nv_bfloat16>::value && kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE) {
+      if (use_tma_stores()) {
+        // See use_tma_stores for the stages and rounds; UNSUPPORTED: a y the store map refuses
+        // (misaligned), or no cluster fits: the staged stores below.
+        constexpr bool kSwiglu = kEpilogue == MOEKIT_EPILOGUE_SWIGLU;
+        if (use_w_pairs(p)) {
+          const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2, kSwiglu ? 1 : 2>(p, a, stream);
+          if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;
+        }
+        const moekit_status single = run_wgmma<256, kSwiglu ? 4 : 3, kEpilogue, OutT, false, 1, 1>(p, a, stream);
+        if (single != MOEKIT_ERR_UNSUPPORTED) return single;
+      }
+    }
     if (use_w_pairs(p)) {
       const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
       if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;  // else: no cluster fits; single CTAs

@@ -12,7 +12,9 @@
 //                    W tile [BN x 64]
 //                    per stage into a kStages-deep shared-memory ring (128-byte swizzle);
 //   warpgroups 1, 2  each owns 64 rows of the 128-row tile and runs m64nBNk16 WGMMAs over the ring,
-//                    then writes its rows straight from the accumulators (with the epilogue).
+//                    then stages its rows in shared memory (with the epilogue's math) and writes
+//                    them with 16-byte stores (epilogue) or hands them to TMA stores that drain
+//                    while it starts the next tile (epilogue_tma: bf16 STORE and SWIGLU outputs).
 // For K >= 4096 the 128 x 256 kernel runs as 2-CTA clusters whose CTAs take consecutive tiles and
 // load half of a shared W tile each, multicast to both (produce_pairs).
 //   full[s]  (1 arrival + TMA bytes)   : the stage holds data;
@@ -158,6 +160,9 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
   constexpr int kPassCols = kStageRowBytes / (int)sizeof(StageT);
   constexpr int kPasses = (kOutCols + kPassCols - 1) / kPassCols;
   constexpr int kChunkCols = 16 / (int)sizeof(StageT);  // columns per 16-byte staging chunk
+  // bf16 staging through stmatrix: 8 instructions per pass instead of 32 st.shared and their
+  // swizzle arithmetic (no measurable change in time, BENCHMARKS.md run 29).
+  constexpr bool kStmatrix = sizeof(StageT) == 2 && kOutCols % 16 == 0;
   const int row_base = tile.row0 + consumer * 64;
   const int col_base = tile.col_block * kOutCols;
   OutT *y = static_cast<OutT *>(y_base);
@@ -169,6 +174,24 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     // 1. accumulators -> staging (columns [pass * kPassCols, +kPassCols) of the tile's output)
+    if constexpr (kStmatrix) {
+#pragma unroll
+      for (int i = pass * kPassCols / 8; i < (pass + 1) * kPassCols / 8 && i < kOutCols / 8; i += 2) {
+        uint32_t r[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int b = i + q / 2, h = q % 2;
+          if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+            constexpr int kHalfBlocks = BN / 16;
+            r[q] = sm90::pack_bf16x2(silu(acc[4 * b + 2 * h]) * acc[4 * (b + kHalfBlocks) + 2 * h],
+                                     silu(acc[4 * b + 2 * h + 1]) * acc[4 * (b + kHalfBlocks) + 2 * h + 1]);
+          } else {
+            r[q] = sm90::pack_bf16x2(acc[4 * b + 2 * h], acc[4 * b + 2 * h + 1]);
+          }
+        }
+        sm90::stage_blocks_bf16(buf, warp, lane, i - pass * kPassCols / 8, r[0], r[1], r[2], r[3]);
+      }
+    } else
 #pragma unroll
     for (int i = pass * kPassCols / 8; i < (pass + 1) * kPassCols / 8 && i < kOutCols / 8; ++i) {
       const int col = 8 * i + 2 * (lane % 4) - pass * kPassCols;
@@ -225,10 +248,87 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
   }
 }
 
-template <int BN, int kStages>
+// The TMA-store epilogue (kTmaRounds > 0): the consumer stages its 64 x kOutCols bf16 output in
+// boxes of 64 columns (one stmatrix per two 8-column blocks), in kTmaRounds rounds of equal
+// shares of the boxes, and, when all 64 rows belong to the expert, one thread hands each round's
+// boxes to TMA stores; the warpgroup goes back to the MMAs while the last round drains. A half
+// with rows past the expert's segment (those rows belong to the next expert) is copied by the
+// threads with masked 16-byte stores instead. Before a round overwrites the buffer, the stores
+// issued from it have read it (bulk_wait_group_read: for the first round, those of the previous
+// tile, long complete by then).
+template <int BN, int kEpilogue, int kTmaRounds>
+__device__ __forceinline__ void epilogue_tma(const Args &a, const CUtensorMap *map_y, const Tile &tile,
+                                             const float (&acc)[BN / 2], int consumer, int warp, int lane,
+                                             uint8_t *buf) {
+  constexpr int kOutCols = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
+  constexpr int kBoxes = kOutCols / 64;
+  constexpr int kRoundBoxes = kBoxes / kTmaRounds;
+  static_assert(kBoxes % kTmaRounds == 0, "rounds of equal shares of the boxes");
+  const int tid = threadIdx.x % 128;
+  const int row_base = tile.row0 + consumer * 64;
+  const int col_base = tile.col_block * kOutCols;
+  const bool full = row_base + 64 <= tile.row_end;
+#pragma unroll
+  for (int round = 0; round < kTmaRounds; ++round) {
+    if (tid == 0) sm90::bulk_wait_group_read<0>();  // the stores issued from the buffer have read it
+    warpgroup_barrier(1 + consumer);                 // ... and every thread's masked copy is done
+#pragma unroll
+    for (int i = round * kRoundBoxes * 8; i < (round + 1) * kRoundBoxes * 8; i += 2) {
+      uint32_t r[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int b = i + q / 2, h = q % 2;
+        if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+          constexpr int kHalfBlocks = BN / 16;  // up columns sit BN/2 after their gate columns
+          r[q] = sm90::pack_bf16x2(silu(acc[4 * b + 2 * h]) * acc[4 * (b + kHalfBlocks) + 2 * h],
+                                   silu(acc[4 * b + 2 * h + 1]) * acc[4 * (b + kHalfBlocks) + 2 * h + 1]);
+        } else {
+          r[q] = sm90::pack_bf16x2(acc[4 * b + 2 * h], acc[4 * b + 2 * h + 1]);
+        }
+      }
+      sm90::stage_blocks_boxed_bf16(buf, warp, lane, i - round * kRoundBoxes * 8, r[0], r[1], r[2], r[3]);
+    }
+    const int col0 = col_base + round * kRoundBoxes * 64;
+    if (full) {
+      sm90::fence_proxy_async_shared();  // the staged values, for the TMA engine's reads
+      warpgroup_barrier(1 + consumer);
+      if (tid == 0) {
+#pragma unroll
+        for (int b = 0; b < kRoundBoxes; ++b) sm90::tma_store_2d(map_y, buf + b * sm90::kBoxBytes, col0 + b * 64, row_base);
+        sm90::bulk_commit_group();
+      }
+    } else {
+      warpgroup_barrier(1 + consumer);
+      __nv_bfloat16 *y = static_cast<__nv_bfloat16 *>(a.y);
+#pragma unroll
+      for (int b = 0; b < kRoundBoxes; ++b) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int idx = j * 128 + tid, row = idx / 8, c = idx % 8;
+          const int r = row_base + row, col = col0 + b * 64 + c * 8;
+          if (r < tile.row_end && col < a.n_out) {
+            const uint4 v =
+                *reinterpret_cast<const uint4 *>(buf + b * sm90::kBoxBytes + row * 128 + ((c ^ (row & 7)) << 4));
+            *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Staging bytes per consumer warpgroup: one 256-byte-row pass, or (kTmaRounds) one round's share
+// of its output.
+template <int BN, int kEpilogue, int kTmaRounds>
+constexpr size_t staging_bytes() {
+  return kTmaRounds > 0 ? (size_t)64 * (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN) * 2 / kTmaRounds
+                        : (size_t)64 * kStageRowBytes;
+}
+
+template <int BN, int kStages, int kEpilogue = MOEKIT_EPILOGUE_STORE, int kTmaRounds = 0>
 constexpr size_t smem_bytes() {
   // + the cluster's claim mailbox: 4 barriers and 2 work-item ids (unused without clusters).
-  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * 64 * kStageRowBytes +
+  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * staging_bytes<BN, kEpilogue, kTmaRounds>() +
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 4 * sizeof(uint64_t) + 2 * sizeof(int32_t) + 1024;
 }
 
@@ -339,10 +439,11 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
 
 // kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
 // instantiation: the extra index arithmetic cost the 128 x 256 kernels an 8-byte spill).
-template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1>
+template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
+          int kTmaRounds = 0>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
-                              const Args a) {
+                              const __grid_constant__ CUtensorMap map_y, const Args a) {
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = BN * kBlockK;
   constexpr uint32_t kStageBytes = (kTileA + kTileB) * 2;
@@ -355,7 +456,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *sb = sa + kStages * kTileA;
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][64][256 B]
-  uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * 64 * kStageRowBytes);
+  constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
+  static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
+                               kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
+                "TMA stores: bf16 STORE or SWIGLU outputs, without split-K");
+  uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * kStagingBytes);
   uint64_t *empty = full + kStages;
   // Each stage's tile as the producer decoded it: {t (-1 = stop), row0, row_end, col_block}. The
   // consumers decoded it again at every tile start, two dependent global loads and two divisions
@@ -498,10 +603,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (active) {
-        void *y_base = kSplitK ? static_cast<void *>(a.partials + split * a.split_stride) : a.y;
-        epilogue<BN, kEpilogue, OutT>(a, y_base, tile, acc, consumer, warp, lane,
-                                      staging + consumer * 64 * kStageRowBytes);
+        if constexpr (kTmaRounds > 0) {
+          epilogue_tma<BN, kEpilogue, kTmaRounds>(a, &map_y, tile, acc, consumer, warp, lane, staging + consumer * kStagingBytes);
+        } else {
+          void *y_base = kSplitK ? static_cast<void *>(a.partials + split * a.split_stride) : a.y;
+          epilogue<BN, kEpilogue, OutT>(a, y_base, tile, acc, consumer, warp, lane, staging + consumer * kStagingBytes);
+        }
       }
+    }
+    // The last TMA stores must have read the staging buffer before the block's shared memory goes.
+    if constexpr (kTmaRounds > 0) {
+      if (threadIdx.x % 128 == 0) sm90::bulk_wait_group<0>();
     }
   }
   if constexpr (kPair) {

@@ -113,6 +113,15 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap *map, const void 
                : "memory");
 }
 
+// Stores a shared-memory box to (c0 = innermost coordinate, c1) of a 2-D tensor map; elements past
+// the map's extent are not written. Asynchronous, as tma_store_3d.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, const void *src, int32_t c0, int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 
 // Waits until at most N committed bulk stores still read their shared-memory source.

@@ -29,6 +29,10 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16 *p, float a, float b) {
 }
 __device__ __forceinline__ void store_pair(float *p, float a, float b) { *reinterpret_cast<float2 *>(p) = make_float2(a, b); }
 
+__device__ __forceinline__ uint32_t smem_addr_of(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // Synchronizes the 128 threads of one warpgroup (ids 1.. are free: 0 is __syncthreads).
 __device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 
@@ -43,6 +47,46 @@ __device__ __forceinline__ void stage_pair(uint8_t *buf, int row, int col, float
   const int byte = col * (int)sizeof(OutT);
   uint8_t *p = buf + row * kStageRowBytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
   store_pair(reinterpret_cast<OutT *>(p), a, b);
+}
+
+// Packs two floats as bf16 (round to nearest): a in the low half, as a fragment register holds
+// the lower column.
+__device__ __forceinline__ uint32_t pack_bf16x2(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+// Stages one warp's accumulators of two 8-column blocks (`block`, `block` + 1; block even, 0..14
+// within the pass) of its 16 rows as bf16, the layout stage_pair writes, with one stmatrix: r0, r1
+// hold block `block` rows 0-7 and 8-15 of the warp (packed pairs, the fragment's layout), r2, r3
+// block + 1. Lane l gives the address of row l % 8 of matrix l / 8. (32 st.shared and their
+// swizzle arithmetic per pass became 8 instructions.)
+__device__ __forceinline__ void stage_blocks_bf16(uint8_t *buf, int warp, int lane, int block, uint32_t r0,
+                                                  uint32_t r1, uint32_t r2, uint32_t r3) {
+  const int m = lane >> 3, rr = lane & 7;
+  const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
+  const uint32_t addr = smem_addr_of(buf) + row * kStageRowBytes + (((block | (m >> 1)) ^ rr) << 4);
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
+// Bytes of one box of a TMA-store staging buffer: 64 rows x 64 bf16 columns (128 bytes per row),
+// 16-byte chunk c of row r at chunk c ^ (r % 8), the 128-byte swizzle of the store's tensor map
+// (which also puts the 8 rows of a fragment in different banks).
+constexpr int kBoxBytes = 64 * 128;
+
+// stage_blocks_bf16 for a buffer of such boxes (columns [64b, 64b + 64) in box b): 8-column
+// blocks `block` and `block` + 1 (block even) of the warp's 16 rows.
+__device__ __forceinline__ void stage_blocks_boxed_bf16(uint8_t *buf, int warp, int lane, int block, uint32_t r0,
+                                                        uint32_t r1, uint32_t r2, uint32_t r3) {
+  const int m = lane >> 3, rr = lane & 7;
+  const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
+  const int chunk = (block & 7) | (m >> 1);
+  const uint32_t addr = smem_addr_of(buf) + (block >> 3) * kBoxBytes + row * 128 + ((chunk ^ rr) << 4);
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
 }
 
 // The 16-byte chunk `chunk` (0..15) of staging row `row`, as stage_pair laid it out.
