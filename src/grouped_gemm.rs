@@ -6,8 +6,10 @@
 //!   `rows` ≥ the plan's row bound for its last build ([`RoutingPlan::rows`], at most `max_rows`).
 //! - `W` `[num_local, N, K]` bf16, K contiguous: each expert's `nn.Linear` weight `[out, in]`, as
 //!   checkpoints store it.
-//! - `Y` `[rows, N_out]` bf16 or f32 row-major; only the rows of each expert's segment are
-//!   written (padding rows and rows past the total keep their contents).
+//! - `Y` `[rows, N_out]` bf16 or f32 row-major, 16-byte aligned (its rows are written in 16-byte
+//!   chunks, bf16 outputs by TMA stores); only the rows of each expert's segment are written
+//!   (padding rows and rows past the total keep their contents).
+//! - `X` and `W` start 16-byte aligned (TMA reads them).
 //!
 //! Epilogues: plain store; fused SwiGLU for the gate+up projection (`W13 [E, 2I, H]`, gate rows
 //! first: writes `silu(gate) · up`, `N_out = I`); a per-row scale by the row's routing weight (folds
@@ -194,10 +196,11 @@ pub fn grouped_gemm<O: GemmOutput>(
     for (name, ptr) in [("x", x_ptr), ("w", w_ptr)] {
         check_aligned16(name, ptr)?; // TMA
     }
-    if y_ptr % (2 * std::mem::size_of::<O>() as u64) != 0 {
+    // The epilogues store 16-byte chunks (bf16 outputs through TMA stores when the map accepts y).
+    if y_ptr % 16 != 0 {
         return Err(Error::invalid(
             "y",
-            "must start aligned to two elements (pairs are stored together)",
+            "must start 16-byte aligned (rows are stored in 16-byte chunks)",
         ));
     }
     let RoutingPlan {

@@ -520,6 +520,18 @@ fn bad_inputs_are_refused() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { arg: "x", .. }), "{e}");
+    // y one pair of elements in (4 bytes): the 16-byte chunk stores would be misaligned.
+    let mut wide_y = s.alloc_zeros::<bf16>(rows * 64 + 8).unwrap();
+    let e = grouped_gemm(
+        s,
+        &mut c.plan,
+        &GemmProblem::new(64, 64),
+        &x,
+        &w,
+        &mut wide_y.slice_mut(2..),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { arg: "y", .. }), "{e}");
     let small = RoutingPlan::new(s, PlanConfig::new(10, 2, 4).block_m(64)).unwrap();
     let mut small = small;
     small
