@@ -142,6 +142,20 @@ __device__ __forceinline__ Tile decode_tile(const Args &a, int t, int col_blocks
 // (BENCHMARKS.md run 23). A few ulp in f32, far inside what the bf16 output keeps.
 __device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
+// The output pair a thread holds for 8-column output block `block` and row half `h` (rows
+// lane / 4 + 8h of its warp), as bf16 packed in one fragment register: the accumulators, or
+// silu(gate) * up for SwiGLU, whose up columns sit BN/2 after their gate columns.
+template <int BN, int kEpilogue>
+__device__ __forceinline__ uint32_t output_bf16x2(const float (&acc)[BN / 2], int block, int h) {
+  const int g = 4 * block + 2 * h;
+  if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+    constexpr int kUp = 4 * (BN / 16);
+    return sm90::pack_bf16x2(silu(acc[g]) * acc[g + kUp], silu(acc[g + 1]) * acc[g + 1 + kUp]);
+  } else {
+    return sm90::pack_bf16x2(acc[g], acc[g + 1]);
+  }
+}
+
 // Writes one consumer warpgroup's 64 x BN accumulators. Thread (warp w, lane l) holds, for each
 // 8-column block i, rows 16w + l/4 (+8) and columns 8i + 2(l%4) (+1): acc[4i + 2h + {0,1}]. They
 // go through shared memory so that global stores are whole 16-byte chunks of 256-byte row runs
@@ -177,19 +191,9 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
     if constexpr (kStmatrix) {
 #pragma unroll
       for (int i = pass * kPassCols / 8; i < (pass + 1) * kPassCols / 8 && i < kOutCols / 8; i += 2) {
-        uint32_t r[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int b = i + q / 2, h = q % 2;
-          if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
-            constexpr int kHalfBlocks = BN / 16;
-            r[q] = sm90::pack_bf16x2(silu(acc[4 * b + 2 * h]) * acc[4 * (b + kHalfBlocks) + 2 * h],
-                                     silu(acc[4 * b + 2 * h + 1]) * acc[4 * (b + kHalfBlocks) + 2 * h + 1]);
-          } else {
-            r[q] = sm90::pack_bf16x2(acc[4 * b + 2 * h], acc[4 * b + 2 * h + 1]);
-          }
-        }
-        sm90::stage_blocks_bf16(buf, warp, lane, i - pass * kPassCols / 8, r[0], r[1], r[2], r[3]);
+        sm90::stage_blocks_bf16(buf, warp, lane, i - pass * kPassCols / 8, output_bf16x2<BN, kEpilogue>(acc, i, 0),
+                                output_bf16x2<BN, kEpilogue>(acc, i, 1), output_bf16x2<BN, kEpilogue>(acc, i + 1, 0),
+                                output_bf16x2<BN, kEpilogue>(acc, i + 1, 1));
       }
     } else
 #pragma unroll
@@ -274,19 +278,10 @@ __device__ __forceinline__ void epilogue_tma(const Args &a, const CUtensorMap *m
     warpgroup_barrier(1 + consumer);                 // ... and every thread's masked copy is done
 #pragma unroll
     for (int i = round * kRoundBoxes * 8; i < (round + 1) * kRoundBoxes * 8; i += 2) {
-      uint32_t r[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int b = i + q / 2, h = q % 2;
-        if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
-          constexpr int kHalfBlocks = BN / 16;  // up columns sit BN/2 after their gate columns
-          r[q] = sm90::pack_bf16x2(silu(acc[4 * b + 2 * h]) * acc[4 * (b + kHalfBlocks) + 2 * h],
-                                   silu(acc[4 * b + 2 * h + 1]) * acc[4 * (b + kHalfBlocks) + 2 * h + 1]);
-        } else {
-          r[q] = sm90::pack_bf16x2(acc[4 * b + 2 * h], acc[4 * b + 2 * h + 1]);
-        }
-      }
-      sm90::stage_blocks_boxed_bf16(buf, warp, lane, i - round * kRoundBoxes * 8, r[0], r[1], r[2], r[3]);
+      sm90::stage_blocks_boxed_bf16(buf, warp, lane, i - round * kRoundBoxes * 8,
+                                    output_bf16x2<BN, kEpilogue>(acc, i, 0), output_bf16x2<BN, kEpilogue>(acc, i, 1),
+                                    output_bf16x2<BN, kEpilogue>(acc, i + 1, 0),
+                                    output_bf16x2<BN, kEpilogue>(acc, i + 1, 1));
     }
     const int col0 = col_base + round * kRoundBoxes * 64;
     if (full) {
@@ -294,7 +289,9 @@ __device__ __forceinline__ void epilogue_tma(const Args &a, const CUtensorMap *m
       warpgroup_barrier(1 + consumer);
       if (tid == 0) {
 #pragma unroll
-        for (int b = 0; b < kRoundBoxes; ++b) sm90::tma_store_2d(map_y, buf + b * sm90::kBoxBytes, col0 + b * 64, row_base);
+        for (int b = 0; b < kRoundBoxes; ++b) {
+          sm90::tma_store_2d(map_y, buf + b * sm90::kBoxBytes, col0 + b * 64, row_base);
+        }
         sm90::bulk_commit_group();
       }
     } else {
@@ -328,7 +325,8 @@ constexpr size_t staging_bytes() {
 template <int BN, int kStages, int kEpilogue = MOEKIT_EPILOGUE_STORE, int kTmaRounds = 0>
 constexpr size_t smem_bytes() {
   // + the cluster's claim mailbox: 4 barriers and 2 work-item ids (unused without clusters).
-  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 + (size_t)kConsumers * staging_bytes<BN, kEpilogue, kTmaRounds>() +
+  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 +
+         (size_t)kConsumers * staging_bytes<BN, kEpilogue, kTmaRounds>() +
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 4 * sizeof(uint64_t) + 2 * sizeof(int32_t) + 1024;
 }
 
@@ -604,7 +602,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (active) {
         if constexpr (kTmaRounds > 0) {
-          epilogue_tma<BN, kEpilogue, kTmaRounds>(a, &map_y, tile, acc, consumer, warp, lane, staging + consumer * kStagingBytes);
+          epilogue_tma<BN, kEpilogue, kTmaRounds>(a, &map_y, tile, acc, consumer, warp, lane,
+                                                  staging + consumer * kStagingBytes);
         } else {
           void *y_base = kSplitK ? static_cast<void *>(a.partials + split * a.split_stride) : a.y;
           epilogue<BN, kEpilogue, OutT>(a, y_base, tile, acc, consumer, warp, lane, staging + consumer * kStagingBytes);

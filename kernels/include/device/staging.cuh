@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "device/sm90.cuh"
 #include "device/wgmma_ops.cuh"
 
 namespace moekit {
@@ -28,10 +29,6 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16 *p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
 }
 __device__ __forceinline__ void store_pair(float *p, float a, float b) { *reinterpret_cast<float2 *>(p) = make_float2(a, b); }
-
-__device__ __forceinline__ uint32_t smem_addr_of(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // Synchronizes the 128 threads of one warpgroup (ids 1.. are free: 0 is __syncthreads).
 __device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
@@ -65,7 +62,7 @@ __device__ __forceinline__ void stage_blocks_bf16(uint8_t *buf, int warp, int la
                                                   uint32_t r1, uint32_t r2, uint32_t r3) {
   const int m = lane >> 3, rr = lane & 7;
   const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
-  const uint32_t addr = smem_addr_of(buf) + row * kStageRowBytes + (((block | (m >> 1)) ^ rr) << 4);
+  const uint32_t addr = smem_addr(buf) + row * kStageRowBytes + (((block | (m >> 1)) ^ rr) << 4);
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
                "r"(r2), "r"(r3)
                : "memory");
@@ -83,7 +80,7 @@ __device__ __forceinline__ void stage_blocks_boxed_bf16(uint8_t *buf, int warp, 
   const int m = lane >> 3, rr = lane & 7;
   const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
   const int chunk = (block & 7) | (m >> 1);
-  const uint32_t addr = smem_addr_of(buf) + (block >> 3) * kBoxBytes + row * 128 + ((chunk ^ rr) << 4);
+  const uint32_t addr = smem_addr(buf) + (block >> 3) * kBoxBytes + row * 128 + ((chunk ^ rr) << 4);
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
                "r"(r2), "r"(r3)
                : "memory");
