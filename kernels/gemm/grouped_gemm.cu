@@ -333,7 +333,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   using namespace moekit::gemm;
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
       p->x_rows < 0 || p->rows < 0 || p->rows > p->x_rows || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
-      p->partials_capacity < 0 ||
+      p->partials_capacity < 0 || reinterpret_cast<uintptr_t>(p->y) % 16 != 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
       (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {

@@ -21,7 +21,8 @@ typedef struct moekit_grouped_gemm_params {
   const void *x;               /* [x_rows, k] bf16, row-major: permuted activations            */
   const void *w;               /* [num_local, n, k] bf16: each expert's nn.Linear weight [out, in] */
   void *y;                     /* [rows, n_out] out_dtype, n_out = n (n/2 for SWIGLU); rows >= the
-                                  plan's row bound (only segment rows are written)              */
+                                  plan's row bound (only segment rows are written); 16-byte
+                                  aligned (rows are stored in 16-byte chunks)                   */
   const int32_t *tiles;        /* plan: [max_tiles][2] (local expert, first row)               */
   const int32_t *num_tiles;    /* plan: [1]                                                    */
   const int32_t *expert_offsets; /* plan: [num_local + 1]                                      */
