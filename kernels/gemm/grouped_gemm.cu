@@ -81,21 +81,6 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
   return std::min<int64_t>(p.max_tiles, ceil_div(p.rows, p.block_m) + p.num_local);
 }
 
-// Y [rows, n_out] bf16 written in boxes of 64 rows x 64 columns with the 128-byte swizzle (the
-// TMA-store epilogue's staging layout). False when the driver refuses the map (a base address
-// that is not 16-byte aligned).
-inline bool make_bf16_store_map(CUtensorMap *map, void *base, int64_t rows, int32_t cols) {
-  auto encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
-  const cuuint32_t box[2] = {64, 64};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
           int kTmaRounds = 0>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
@@ -108,7 +93,11 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     return MOEKIT_ERR_UNSUPPORTED;
   }
   if constexpr (kTmaRounds > 0) {
-    if (!make_bf16_store_map(&map_y, p.y, std::max<int64_t>(p.rows, 1), a.n_out)) return MOEKIT_ERR_UNSUPPORTED;
+    // Y [rows, n_out] in boxes of 64 rows x 64 columns: epilogue_tma's staging layout.
+    if (!make_bf16_sw128_map(&map_y, p.y, std::max<int64_t>(p.rows, 1), a.n_out, 64, 0,
+                             CU_TENSOR_MAP_L2_PROMOTION_NONE)) {
+      return MOEKIT_ERR_UNSUPPORTED;
+    }
   } else {
     map_y = map_x;  // unused
   }

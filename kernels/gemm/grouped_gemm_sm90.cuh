@@ -195,23 +195,24 @@ __device__ __forceinline__ void epilogue(const Args &a, void *y_base, const Tile
                                 output_bf16x2<BN, kEpilogue>(acc, i, 1), output_bf16x2<BN, kEpilogue>(acc, i + 1, 0),
                                 output_bf16x2<BN, kEpilogue>(acc, i + 1, 1));
       }
-    } else
+    } else {
 #pragma unroll
-    for (int i = pass * kPassCols / 8; i < (pass + 1) * kPassCols / 8 && i < kOutCols / 8; ++i) {
-      const int col = 8 * i + 2 * (lane % 4) - pass * kPassCols;
+      for (int i = pass * kPassCols / 8; i < (pass + 1) * kPassCols / 8 && i < kOutCols / 8; ++i) {
+        const int col = 8 * i + 2 * (lane % 4) - pass * kPassCols;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = warp * 16 + lane / 4 + 8 * h;
-        float v0, v1;
-        if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
-          constexpr int kHalfBlocks = BN / 16;  // up columns sit BN/2 after their gate columns
-          v0 = silu(acc[4 * i + 2 * h]) * acc[4 * (i + kHalfBlocks) + 2 * h];
-          v1 = silu(acc[4 * i + 2 * h + 1]) * acc[4 * (i + kHalfBlocks) + 2 * h + 1];
-        } else {
-          v0 = acc[4 * i + 2 * h];
-          v1 = acc[4 * i + 2 * h + 1];
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp * 16 + lane / 4 + 8 * h;
+          float v0, v1;
+          if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+            constexpr int kHalfBlocks = BN / 16;  // up columns sit BN/2 after their gate columns
+            v0 = silu(acc[4 * i + 2 * h]) * acc[4 * (i + kHalfBlocks) + 2 * h];
+            v1 = silu(acc[4 * i + 2 * h + 1]) * acc[4 * (i + kHalfBlocks) + 2 * h + 1];
+          } else {
+            v0 = acc[4 * i + 2 * h];
+            v1 = acc[4 * i + 2 * h + 1];
+          }
+          stage_pair<StageT>(buf, row, col, v0, v1);
         }
-        stage_pair<StageT>(buf, row, col, v0, v1);
       }
     }
     warpgroup_barrier(1 + consumer);
@@ -304,9 +305,7 @@ __device__ __forceinline__ void epilogue_tma(const Args &a, const CUtensorMap *m
           const int idx = j * 128 + tid, row = idx / 8, c = idx % 8;
           const int r = row_base + row, col = col0 + b * 64 + c * 8;
           if (r < tile.row_end && col < a.n_out) {
-            const uint4 v =
-                *reinterpret_cast<const uint4 *>(buf + b * sm90::kBoxBytes + row * 128 + ((c ^ (row & 7)) << 4));
-            *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = v;
+            *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = sm90::boxed_chunk(buf, b, row, c);
           }
         }
       }

@@ -293,6 +293,18 @@ fn softmax_topk(e: usize, k: usize) -> GatingConfig {
     }
 }
 
+/// A plan for `cfg` built from the host-side expert ids `[tokens, k]`.
+fn built_plan(
+    stream: &Arc<CudaStream>,
+    cfg: PlanConfig,
+    ids: &[i32],
+    tokens: usize,
+) -> Result<RoutingPlan> {
+    let mut plan = RoutingPlan::new(stream, cfg)?;
+    plan.build(stream, &stream.clone_htod(ids)?, tokens)?;
+    Ok(plan)
+}
+
 /// Device-side routing for a model's permutation cases: uniform ids on the device and a plan.
 fn routed(
     ctx: &Context,
@@ -402,8 +414,7 @@ fn gemm_case(
     ids.iter().for_each(|&id| touched[id as usize] = true);
     let touched = touched.iter().filter(|t| **t).count();
     let cfg = PlanConfig::new(tokens, k, e).block_m(BLOCK_M);
-    let mut plan = RoutingPlan::new(&stream, cfg.clone())?;
-    plan.build(&stream, &stream.clone_htod(&ids)?, tokens)?;
+    let mut plan = built_plan(&stream, cfg.clone(), &ids, tokens)?;
     let (n, kdim) = match stage {
         GemmStage::Up | GemmStage::UpSwiGlu => (2 * i, h),
         GemmStage::Down => (h, i),
@@ -445,8 +456,7 @@ fn gemm_case(
 fn router_case(ctx: &Context, name: &str, tokens: usize, e: usize, h: usize) -> Result<BenchCase> {
     let stream = ctx.stream().clone();
     let cfg = PlanConfig::new(tokens, 1, 1).block_m(BLOCK_M);
-    let mut plan = RoutingPlan::new(&stream, cfg.clone())?;
-    plan.build(&stream, &stream.clone_htod(&vec![0i32; tokens])?, tokens)?;
+    let mut plan = built_plan(&stream, cfg.clone(), &vec![0i32; tokens], tokens)?;
     let mut r = rng(5);
     let x = device_normal::<bf16>(&stream, &mut r, cfg.max_rows() * h, 1.0)?;
     let w = device_normal::<bf16>(&stream, &mut r, e * h, 0.02)?;

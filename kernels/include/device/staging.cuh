@@ -62,10 +62,7 @@ __device__ __forceinline__ void stage_blocks_bf16(uint8_t *buf, int warp, int la
                                                   uint32_t r1, uint32_t r2, uint32_t r3) {
   const int m = lane >> 3, rr = lane & 7;
   const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
-  const uint32_t addr = smem_addr(buf) + row * kStageRowBytes + (((block | (m >> 1)) ^ rr) << 4);
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3)
-               : "memory");
+  stmatrix_x4(smem_addr(buf) + row * kStageRowBytes + (((block | (m >> 1)) ^ rr) << 4), r0, r1, r2, r3);
 }
 
 // Bytes of one box of a TMA-store staging buffer: 64 rows x 64 bf16 columns (128 bytes per row),
@@ -80,10 +77,13 @@ __device__ __forceinline__ void stage_blocks_boxed_bf16(uint8_t *buf, int warp, 
   const int m = lane >> 3, rr = lane & 7;
   const int row = warp * 16 + 8 * (m & 1) + rr;  // row & 7 == rr
   const int chunk = (block & 7) | (m >> 1);
-  const uint32_t addr = smem_addr(buf) + (block >> 3) * kBoxBytes + row * 128 + ((chunk ^ rr) << 4);
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3)
-               : "memory");
+  stmatrix_x4(smem_addr(buf) + (block >> 3) * kBoxBytes + row * 128 + ((chunk ^ rr) << 4), r0, r1, r2, r3);
+}
+
+// The 16-byte chunk `chunk` (0..7) of row `row` of box `box`, as stage_blocks_boxed_bf16 laid it
+// out.
+__device__ __forceinline__ uint4 boxed_chunk(const uint8_t *buf, int box, int row, int chunk) {
+  return *reinterpret_cast<const uint4 *>(buf + box * kBoxBytes + row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
 // The 16-byte chunk `chunk` (0..15) of staging row `row`, as stage_pair laid it out.

@@ -24,12 +24,14 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// A row-major [rows, k] bf16 matrix read in boxes of box_rows x 64 (one 128-byte swizzle row of
-// K) with the 128-byte swizzle the WGMMA descriptors expect. Out-of-bounds rows and columns read
-// as zeros; row_stride (elements, 0: k) lets rows lie further apart. False when the driver refuses
-// the map.
+// A row-major [rows, k] bf16 matrix in boxes of box_rows x 64 (one 128-byte swizzle row of K)
+// with the 128-byte swizzle the WGMMA descriptors (and the GEMM's TMA-store staging) use. Loads
+// read out-of-bounds rows and columns as zeros, stores leave them unwritten; row_stride (elements,
+// 0: k) lets rows lie further apart; `promotion` is a load hint (stores pass NONE). False when
+// the driver refuses the map (e.g. a base that is not 16-byte aligned).
 inline bool make_bf16_sw128_map(CUtensorMap *map, const void *base, int64_t rows, int32_t k, int box_rows,
-                                int64_t row_stride = 0) {
+                                int64_t row_stride = 0,
+                                CUtensorMapL2promotion promotion = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
   auto encode = encode_tiled();
   if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
@@ -37,7 +39,7 @@ inline bool make_bf16_sw128_map(CUtensorMap *map, const void *base, int64_t rows
   const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
   const cuuint32_t elem_strides[2] = {1, 1};
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, promotion,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
