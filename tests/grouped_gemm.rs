@@ -456,6 +456,36 @@ fn tail_pairs_against_the_oracle() {
     wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
 }
 
+/// K = 4096 pairs where an expert ends in a tile of at most 64 rows behind an odd number of full
+/// tiles: the pair of its last full tile and that last tile runs as a tall pair (each CTA takes
+/// its half of the full tile's rows at full width and half of the columns of the last tile's
+/// rows; the kernel's produce_pairs). Sizes: one full tile + 1, + 22 and + 64 rows (129, 150,
+/// 192), three full tiles + 64 and + 16 (448, 400), beside a lone tile (64), an empty expert and
+/// one row. Plain (4 and 3 column blocks) and SwiGLU bf16 outputs against the oracle, then
+/// row-scaled bf16 and plain and SwiGLU f32 outputs (the staged epilogue) against the CPU, with
+/// poisoned outputs.
+#[test]
+fn tall_pairs_against_the_oracle() {
+    let Some(ctx) = gpu("tall_pairs_against_the_oracle") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let sizes = [129usize, 150, 192, 448, 400, 64, 0, 1];
+    let ids = ids_of_sizes(&sizes, seed);
+    let (t, e) = (ids.len(), sizes.len());
+    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
+    let problems = [
+        (Epilogue::Store, 1024, 1024),
+        (Epilogue::SwiGlu, 1024, 512),
+        (Epilogue::Store, 640, 640),
+    ];
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    let mut c = case(&ctx, "tall pairs", ids, t, 1, e, 1024, 4096, 1);
+    check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
+    check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
+    check::<f32>(&ctx, &mut c, Epi::SwiGlu, 1e-4);
+}
+
 /// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
 /// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
 /// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 runs the

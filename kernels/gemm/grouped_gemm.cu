@@ -180,6 +180,17 @@ static bool use_tma_stores() {
   return v != 0;
 }
 
+// Whether the pair kernels run tall pairs (grouped_gemm_sm90.cuh's produce_pairs): an expert's
+// full M tile and its last tile of at most 64 rows, which a plain pair runs at the full tile's
+// pace while the last tile's CTA idles half of it, become a pair that splits the 192 rows: each
+// CTA takes its half of the full tile's rows at full width and half of the columns of the last
+// tile's rows (768 instead of 1024 tensor cycles per k-block). MOEKIT_GEMM_TALL_PAIRS=0 turns them
+// off (A/B timing).
+static int tall_pairs() {
+  static const int v = env_switch("MOEKIT_GEMM_TALL_PAIRS", 1);
+  return v != 0 ? 1 : 0;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -345,6 +356,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.split_k = 1;
   a.kb_per_split = (int32_t)moekit::ceil_div(p->k, kBlockK);
   a.band_m = band_m_tiles();
+  a.tall_pairs = tall_pairs();
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

@@ -77,6 +77,9 @@ struct Args {
   // Experts with more M tiles than this sweep their column blocks in bands of about this many M
   // tiles (decode_tile; rounded up to an even count); 0: one band per expert.
   int32_t band_m;
+  // Pair kernels: an expert's full M tile paired with its last tile of at most 64 rows runs as a
+  // tall pair (produce_pairs); 0 turns tall pairs off (MOEKIT_GEMM_TALL_PAIRS, for A/B timing).
+  int32_t tall_pairs;
 };
 
 struct Tile {
@@ -356,7 +359,7 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // through a two-slot mailbox. (The X-multicast cluster of run 19 cut 17% of the L2 bytes and
 // measured -0.5..+6%; this one cuts a third and takes 8-9% off the DeepSeek-V3 gate+up at
 // T = 4096, BENCHMARKS.md run 24.)
-template <int BN, int kStages, int kEpilogue>
+template <int BN, int kStages, int kEpilogue, bool kTall>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
                                               uint64_t *empty, int4 *stage_info) {
@@ -394,28 +397,44 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
     const bool mine = t < total();
     const Tile tile = mine ? decode_tile<true>(a, t, col_blocks()) : Tile{-1, 0, 0, 0};
     bool shared = false;  // the same on both ranks
+    bool tall = false;    // likewise
+    int pair_row0 = tile.row0;
     if (2 * u + 1 < total()) {
       const Tile other = decode_tile<true>(a, 2 * u + (int)(rank ^ 1), col_blocks());
       shared = other.expert == tile.expert && other.col_block == tile.col_block;
+      // Rank 0 holds an expert's full M tile and rank 1 the expert's next M tile (decode_tile keeps
+      // them in this order): a tall pair when that next tile is the last and holds <= 64 rows.
+      const int last_row0 = rank == 0 ? other.row0 : tile.row0;
+      pair_row0 = rank == 0 ? tile.row0 : other.row0;
+      tall = kTall && shared && a.tall_pairs != 0 && last_row0 == pair_row0 + kBlockM && tile.row_end - last_row0 <= 64;
     }
     const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
     // The W tile's two halves: SwiGLU pairs BN/2 gate rows with the matching BN/2 up rows.
     const int w_row_1 = w_row + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? a.n / 2 : BN / 2);
-    const bool second_half = tile.row0 + 64 < tile.row_end;
-    const uint32_t x_bytes = (second_half ? 2u : 1u) * 64 * kBlockK * 2;
+    // X boxes: the tile's two 64-row halves (the second only if it holds rows of the expert); in a
+    // tall pair, the full tile's half of this rank, then the last tile's rows (both ranks).
+    const int x_row0 = tall ? pair_row0 + 64 * (int)rank : tile.row0;
+    const bool second_box = tall || tile.row0 + 64 < tile.row_end;
+    const uint32_t x_bytes = (second_box ? 2u : 1u) * 64 * kBlockK * 2;
+    // The stage record's first word: the tile index, with a tall pair's rank + 1 in bits 28-29
+    // (the consumers only test it for the stop mark; a column-block bit field made ptxas rewrite
+    // the epilogues' address arithmetic, +270 instructions).
+    const int info_x = t | (tall ? (int)(rank + 1) << 28 : 0);
     for (int kb = 0; kb < (a.k + kBlockK - 1) / kBlockK; ++kb) {
       // Both CTAs' consumers have freed this stage: the peer's multicast may land in ours.
       sm90::mbar_wait(&empty[stage], phase ^ 1);
       // Published by the arrive below (release), read after the consumers' wait (acquire). A
       // rank without a tile publishes an empty row range.
-      stage_info[stage] = mine ? make_int4(t, tile.row0, tile.row_end, tile.col_block) : make_int4(0, 0, 0, 0);
+      stage_info[stage] = mine ? make_int4(info_x, tall ? pair_row0 : tile.row0, tile.row_end, tile.col_block)
+                               : make_int4(0, 0, 0, 0);
       if (!mine) {
         sm90::mbar_arrive(&full[stage]);
       } else {
         sm90::mbar_arrive_expect_tx(&full[stage], x_bytes + kTileB * 2);
-        sm90::tma_load_2d(sa + stage * kTileA, map_x, kb * kBlockK, tile.row0, &full[stage]);
-        if (second_half) {
-          sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, map_x, kb * kBlockK, tile.row0 + 64, &full[stage]);
+        sm90::tma_load_2d(sa + stage * kTileA, map_x, kb * kBlockK, x_row0, &full[stage]);
+        if (second_box) {
+          sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, map_x, kb * kBlockK, tall ? pair_row0 + kBlockM : tile.row0 + 64,
+                            &full[stage]);
         }
         __nv_bfloat16 *w_dst = sb + stage * kTileB;
         if (shared) {
@@ -430,6 +449,46 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
         stage = 0;
         phase ^= 1;
       }
+    }
+  }
+}
+
+// The k-blocks of a tall pair's last-tile consumer (produce_pairs): for each stage, two m64n64
+// WGMMAs per 16-deep slice of its 64-row X box over the W rows at byte offsets b_off0 and b_off1
+// of the stage (this rank's half of the output columns), into its own 64 accumulators (the layout
+// of one m64n128); then the stage is freed in both CTAs. A second WGMMA shape in the kernel is
+// fine for ptxas in a loop of its own with its own accumulators: under a branch inside the main
+// loop, predicated, or on the main loop's accumulators, ptxas serialized every WGMMA of the kernel
+// (C7519/C7520/C7511; BENCHMARKS.md runs 25, 26 and 30).
+template <int BN, int kStages>
+__device__ __forceinline__ void consume_tall_narrow(float (&acc)[64], const __nv_bfloat16 *sa, const __nv_bfloat16 *sb,
+                                                    uint64_t *full, uint64_t *empty, int &stage, uint32_t &phase,
+                                                    int k_blocks, int lane, uint32_t b_off0, uint32_t b_off1) {
+  constexpr int kTileA = kBlockM * kBlockK;
+  constexpr int kTileB = BN * kBlockK;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
+    const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + 64 * kBlockK);  // the second X box
+    const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
+      const uint64_t da = sm90::desc_k_major_sw128(a_base + kk * 32);
+      sm90::wgmma_m64n64k16_bf16(*reinterpret_cast<float(*)[32]>(&acc[0]), da,
+                                 sm90::desc_k_major_sw128(b_base + b_off0 + kk * 32), scale_d);
+      sm90::wgmma_m64n64k16_bf16(*reinterpret_cast<float(*)[32]>(&acc[32]), da,
+                                 sm90::desc_k_major_sw128(b_base + b_off1 + kk * 32), scale_d);
+    }
+    sm90::wgmma_commit();
+    sm90::fence_operands(acc);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(acc);
+    sm90::release_stage(&empty[stage], lane);
+    if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
     }
   }
 }
@@ -465,6 +524,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   int4 *stage_info = reinterpret_cast<int4 *>(empty + kStages);  // 16-byte aligned: 2 * kStages words of 8 bytes
   static_assert(kCluster == 1 || (kCluster == 2 && !kSplitK), "clusters of 2 CTAs, without split-K");
   constexpr bool kPair = kCluster == 2;
+  // Tall pairs in the TMA-store pair kernels (bf16 STORE and SWIGLU, the gate+up projections):
+  // with the staged epilogues (f32 or row-scaled outputs) the second epilogue instance made the
+  // consumers spill (5 -> 8..15 spill stores).
+  constexpr bool kTall = kPair && kTmaRounds > 0;
   // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
   // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
   constexpr int kProducerRegs = 24;
@@ -498,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kPair && threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
-      produce_pairs<BN, kStages, kEpilogue>(&map_x, &map_w, a, sa, sb, full, empty, stage_info);
+      produce_pairs<BN, kStages, kEpilogue, kTall>(&map_x, &map_w, a, sa, sb, full, empty, stage_info);
     } else if (threadIdx.x == 0) {
       sm90::tma_prefetch_descriptor(&map_x);
       sm90::tma_prefetch_descriptor(&map_w);
@@ -562,7 +625,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int t = info.x;
       if (t < 0) break;
       const int split = kSplitK ? t % a.split_k : 0;
-      const Tile tile{-1, info.y, info.z, info.w};  // the expert: the producer's business only
+      // A tall pair (produce_pairs): the rank + 1 in bits 28-29 of the tile index.
+      const int tall = kTall ? t >> 28 : 0;
+      int row0 = info.y, col_block = info.w;
+      if (tall != 0) {
+        // Consumer 0: this rank's 64-row half of the full tile (all 256 columns); consumer 1: the
+        // last tile's rows, 64 past the full tile's second half for its epilogue's consumer offset,
+        // and this rank's half of the columns (an output block of a 128-wide tile).
+        row0 += consumer == 1 ? 64 : 64 * (tall - 1);
+        if (consumer == 1) col_block = 2 * col_block + tall - 1;
+      }
+      const Tile tile{-1, row0, info.z, col_block};  // the expert: the producer's business only
       const int kb_begin = kSplitK ? split * a.kb_per_split : 0;
       // The host keeps every split non-empty.
       const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
@@ -570,6 +643,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       // did not load them): the ragged last tile of an expert then costs half a tile of
       // tensor-core time.
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
+      if constexpr (kTall) {
+        if (tall != 0 && consumer == 1) {
+          // The W rows of this rank's half of the output columns: for SwiGLU 64 gate rows and the
+          // matching 64 up rows (BN/2 further), else 128 consecutive rows.
+          const uint32_t rank = (uint32_t)(tall - 1);
+          constexpr uint32_t kRowBytes = kBlockK * 2;
+          const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? rank * 64 : rank * 128) * kRowBytes;
+          const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
+          float acc_half[64];
+          consume_tall_narrow<BN, kStages>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, lane, off0, off1);
+          // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
+          epilogue_tma<128, kEpilogue, 1>(a, &map_y, tile, acc_half, consumer, warp, lane,
+                                          staging + consumer * kStagingBytes);
+          continue;
+        }
+      }
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         if (active) {
