@@ -459,9 +459,10 @@ fn tail_pairs_against_the_oracle() {
 /// K = 4096 pairs where an expert ends in a tile of at most 64 rows behind an odd number of full
 /// tiles: the pair of its last full tile and that last tile runs as a tall pair (each CTA takes
 /// its half of the full tile's rows at full width and half of the columns of the last tile's
-/// rows; the kernel's produce_pairs). Sizes: one full tile + 1, + 22 and + 64 rows (129, 150,
-/// 192), three full tiles + 64 and + 16 (448, 400), beside a lone tile (64), an empty expert and
-/// one row. Plain (4 and 3 column blocks) and SwiGLU bf16 outputs against the oracle, then
+/// rows; the kernel's produce_pairs; a last tile of at most 16 rows runs swapped, W on the WGMMA's
+/// M side). Sizes: one full tile + 1, + 22 and + 64 rows (129, 150, 192), three full tiles + 64
+/// and + 16 (448, 400), beside a lone tile (64), an empty expert and one row: 129 and 400 run
+/// swapped (unless `MOEKIT_GEMM_TALL_PAIRS` says otherwise), 150, 192 and 448 not. Plain (4 and 3 column blocks) and SwiGLU bf16 outputs against the oracle, then
 /// row-scaled bf16 and plain and SwiGLU f32 outputs (the staged epilogue) against the CPU, with
 /// poisoned outputs.
 #[test]

@@ -180,15 +180,21 @@ static bool use_tma_stores() {
   return v != 0;
 }
 
-// Whether the pair kernels run tall pairs (grouped_gemm_sm90.cuh's produce_pairs): an expert's
-// full M tile and its last tile of at most 64 rows, which a plain pair runs at the full tile's
-// pace while the last tile's CTA idles half of it, become a pair that splits the 192 rows: each
+// Tall pairs in the pair kernels (grouped_gemm_sm90.cuh's produce_pairs). An expert's full M tile
+// paired with its last tile of at most 64 rows ran that last tile on one warpgroup at the full
+// tile's pace, multiplying 64 rows for a few real ones (DeepSeek-V3 T = 4096: ~128 rows per
+// expert, half of the experts end in a tile of ~1-30 rows). A tall pair splits the 192 rows: each
 // CTA takes its half of the full tile's rows at full width and half of the columns of the last
-// tile's rows (768 instead of 1024 tensor cycles per k-block). MOEKIT_GEMM_TALL_PAIRS=0 turns them
-// off (A/B timing).
+// tile's rows; a last tile of at most 16 rows runs swapped (W rows on the WGMMA's M side, its rows
+// on N = 16), so its math shrinks with its rows. At the power cap the wasted math is what the
+// time follows: measured (H200, BENCHMARKS.md run 30 call 6, 3 rounds, us, off / tall /
+// tall + swapped): DeepSeek-V3 T = 4096 gate+up 4580-4637 / 4506-4562 / 4412-4454, SwiGLU
+// 4580-4631 / 4482-4522 / 4347-4375, Zipf T = 16384 13200-13204 / 13073-13095 / 13063-13083, the
+// layer 7362-7386 / 7288-7359 / 7270-7336. MOEKIT_GEMM_TALL_PAIRS=0 / 1 / 2 (default) picks one
+// (A/B timing).
 static int tall_pairs() {
-  static const int v = env_switch("MOEKIT_GEMM_TALL_PAIRS", 1);
-  return v != 0 ? 1 : 0;
+  static const int v = env_switch("MOEKIT_GEMM_TALL_PAIRS", 2);
+  return v < 0 || v > 2 ? 2 : v;
 }
 
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with

@@ -78,7 +78,8 @@ struct Args {
   // tiles (decode_tile; rounded up to an even count); 0: one band per expert.
   int32_t band_m;
   // Pair kernels: an expert's full M tile paired with its last tile of at most 64 rows runs as a
-  // tall pair (produce_pairs); 0 turns tall pairs off (MOEKIT_GEMM_TALL_PAIRS, for A/B timing).
+  // tall pair (produce_pairs): 0 never, 1 always on m64n64 WGMMAs, 2 with last tiles of at most 16
+  // rows swapped (consume_tall_swapped). grouped_gemm.cu's tall_pairs says which and why.
   int32_t tall_pairs;
 };
 
@@ -359,6 +360,15 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // through a two-slot mailbox. (The X-multicast cluster of run 19 cut 17% of the L2 bytes and
 // measured -0.5..+6%; this one cuts a third and takes 8-9% off the DeepSeek-V3 gate+up at
 // T = 4096, BENCHMARKS.md run 24.)
+//
+// kTall (a.tall_pairs > 0): a pair of an expert's full M tile (rank 0) and its next and last M
+// tile of at most 64 rows (rank 1) in one column block runs as a tall pair. Each rank loads the
+// full tile's rows [64 r, 64 r + 64) as its first X box and the last tile's rows as its second;
+// its consumer 0 multiplies the first box by the whole W tile, its consumer 1 the second box by
+// the W rows of the rank's half of the output columns (consume_tall_narrow, or
+// consume_tall_swapped for at most 16 rows). Both CTAs then run 3 of the 4 row-block units of math
+// per k-block instead of 4 and 2 (grouped_gemm.cu's tall_pairs has the measurements). The rank
+// goes to the consumers in bits 28-29 of the stage record's tile index.
 template <int BN, int kStages, int kEpilogue, bool kTall>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
@@ -489,6 +499,90 @@ __device__ __forceinline__ void consume_tall_narrow(float (&acc)[64], const __nv
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
+    }
+  }
+}
+
+// The swapped form of consume_tall_narrow for a last tile of at most 16 rows: W's rows are the
+// WGMMA's M side and the tile's rows its N side (m64n16), so the math shrinks with the rows
+// instead of covering 64. acc[0..8): W rows at b_off0 (64 of them), acc[8..16): at b_off1; each
+// thread holds W rows 16w + l/4 (+8) and tile rows 2(l%4) (+1, +8, +9), transposed on the way
+// out (epilogue_tall_swapped).
+template <int BN, int kStages>
+__device__ __forceinline__ void consume_tall_swapped(float (&acc)[16], const __nv_bfloat16 *sa,
+                                                     const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty,
+                                                     int &stage, uint32_t &phase, int k_blocks, int lane,
+                                                     uint32_t b_off0, uint32_t b_off1) {
+  constexpr int kTileA = kBlockM * kBlockK;
+  constexpr int kTileB = BN * kBlockK;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
+    const uint32_t x_base = sm90::smem_addr(sa + stage * kTileA + 64 * kBlockK);  // the second X box
+    const uint32_t w_base = sm90::smem_addr(sb + stage * kTileB);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
+      const uint64_t dx = sm90::desc_k_major_sw128(x_base + kk * 32);
+      sm90::wgmma_m64n16k16_bf16(*reinterpret_cast<float(*)[8]>(&acc[0]),
+                                 sm90::desc_k_major_sw128(w_base + b_off0 + kk * 32), dx, scale_d);
+      sm90::wgmma_m64n16k16_bf16(*reinterpret_cast<float(*)[8]>(&acc[8]),
+                                 sm90::desc_k_major_sw128(w_base + b_off1 + kk * 32), dx, scale_d);
+    }
+    sm90::wgmma_commit();
+    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[0]));
+    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[8]));
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[0]));
+    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[8]));
+    sm90::release_stage(&empty[stage], lane);
+    if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+}
+
+// Writes consume_tall_swapped's product: rows [row0, row0 + 16) (those below row_end) of the
+// output, columns [col_block * kCols, +kCols) with kCols = 128 (plain: acc[0..8) the first 64,
+// acc[8..16) the next 64) or 64 (SwiGLU: silu(acc[i]) * acc[8 + i]). Transposed through the
+// consumer's staging buffer as bf16 [16][kCols], then copied in masked 16-byte chunks.
+template <int kEpilogue>
+__device__ __forceinline__ void epilogue_tall_swapped(const Args &a, int row0, int row_end, int col_block,
+                                                      const float (&acc)[16], int consumer, int warp, int lane,
+                                                      uint8_t *buf) {
+  constexpr bool kSwiglu = kEpilogue == MOEKIT_EPILOGUE_SWIGLU;
+  constexpr int kCols = kSwiglu ? 64 : 128;
+  const int tid = threadIdx.x % 128;
+  if (tid == 0) sm90::bulk_wait_group_read<0>();  // earlier TMA stores from the buffer have read it
+  warpgroup_barrier(1 + consumer);
+  __nv_bfloat16 *st = reinterpret_cast<__nv_bfloat16 *>(buf);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = 8 * i + 2 * (lane % 4) + j, m = 16 * warp + lane / 4 + 8 * h;
+        const int f = 4 * i + 2 * h + j;
+        if constexpr (kSwiglu) {
+          st[n * kCols + m] = __float2bfloat16_rn(silu(acc[f]) * acc[8 + f]);
+        } else {
+          st[n * kCols + m] = __float2bfloat16_rn(acc[f]);
+          st[n * kCols + 64 + m] = __float2bfloat16_rn(acc[8 + f]);
+        }
+      }
+    }
+  }
+  warpgroup_barrier(1 + consumer);
+  __nv_bfloat16 *y = static_cast<__nv_bfloat16 *>(a.y);
+#pragma unroll
+  for (int idx = tid; idx < 16 * kCols / 8; idx += 128) {
+    const int n = idx / (kCols / 8), c = idx % (kCols / 8);
+    const int r = row0 + n, col = col_block * kCols + 8 * c;
+    if (r < row_end && col < a.n_out) {
+      *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = *reinterpret_cast<const uint4 *>(st + n * kCols + 8 * c);
     }
   }
 }
@@ -651,6 +745,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           constexpr uint32_t kRowBytes = kBlockK * 2;
           const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? rank * 64 : rank * 128) * kRowBytes;
           const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
+          if (a.tall_pairs == 2 && tile.row_end - (tile.row0 + 64) <= 16) {
+            float acc_swapped[16];
+            consume_tall_swapped<BN, kStages>(acc_swapped, sa, sb, full, empty, stage, phase, k_blocks, lane, off0,
+                                              off1);
+            epilogue_tall_swapped<kEpilogue>(a, tile.row0 + 64, tile.row_end, tile.col_block, acc_swapped, consumer,
+                                             warp, lane, staging + consumer * kStagingBytes);
+            continue;
+          }
           float acc_half[64];
           consume_tall_narrow<BN, kStages>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, lane, off0, off1);
           // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
