@@ -79,7 +79,7 @@ struct Args {
   int32_t band_m;
   // Pair kernels: an expert's full M tile paired with its last tile of at most 64 rows runs as a
   // tall pair (produce_pairs): 0 never, 1 always on m64n64 WGMMAs, 2 with last tiles of at most 16
-  // rows swapped (consume_tall_swapped). grouped_gemm.cu's tall_pairs says which and why.
+  // rows swapped (consume_tall_last). grouped_gemm.cu's tall_pairs says which and why.
   int32_t tall_pairs;
 };
 
@@ -365,10 +365,10 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // tile of at most 64 rows (rank 1) in one column block runs as a tall pair. Each rank loads the
 // full tile's rows [64 r, 64 r + 64) as its first X box and the last tile's rows as its second;
 // its consumer 0 multiplies the first box by the whole W tile, its consumer 1 the second box by
-// the W rows of the rank's half of the output columns (consume_tall_narrow, or
-// consume_tall_swapped for at most 16 rows). Both CTAs then run 3 of the 4 row-block units of math
-// per k-block instead of 4 and 2 (grouped_gemm.cu's tall_pairs has the measurements). The rank
-// goes to the consumers in bits 28-29 of the stage record's tile index.
+// the W rows of the rank's half of the output columns (consume_tall_last, swapped for at most 16
+// rows). Both CTAs then run 3 of the 4 row-block units of math per k-block instead of 4 and 2
+// (grouped_gemm.cu's tall_pairs has the measurements). The rank goes to the consumers in bits
+// 28-29 of the stage record's tile index.
 template <int BN, int kStages, int kEpilogue, bool kTall>
 __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CUtensorMap *map_w, const Args &a,
                                               __nv_bfloat16 *sa, __nv_bfloat16 *sb, uint64_t *full,
@@ -463,58 +463,29 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
   }
 }
 
-// The k-blocks of a tall pair's last-tile consumer (produce_pairs): for each stage, two m64n64
-// WGMMAs per 16-deep slice of its 64-row X box over the W rows at byte offsets b_off0 and b_off1
-// of the stage (this rank's half of the output columns), into its own 64 accumulators (the layout
-// of one m64n128); then the stage is freed in both CTAs. A second WGMMA shape in the kernel is
-// fine for ptxas in a loop of its own with its own accumulators: under a branch inside the main
-// loop, predicated, or on the main loop's accumulators, ptxas serialized every WGMMA of the kernel
-// (C7519/C7520/C7511; BENCHMARKS.md runs 25, 26 and 30).
-template <int BN, int kStages>
-__device__ __forceinline__ void consume_tall_narrow(float (&acc)[64], const __nv_bfloat16 *sa, const __nv_bfloat16 *sb,
-                                                    uint64_t *full, uint64_t *empty, int &stage, uint32_t &phase,
-                                                    int k_blocks, int lane, uint32_t b_off0, uint32_t b_off1) {
+// The k-blocks of a tall pair's last-tile consumer (produce_pairs): for each stage, two WGMMAs per
+// 16-deep slice of its 64-row X box (the stage's second) against the W rows at byte offsets
+// b_off0 and b_off1 of the stage (this rank's half of the output columns), into acc's two halves;
+// then the stage is freed in both CTAs.
+// - !kSwapped: two m64n64 (X rows on M), 64 accumulators in the layout of one m64n128.
+// - kSwapped (a last tile of at most 16 rows): W's rows are the M side and the tile's rows the N
+//   side (m64n16), so the math shrinks with the rows instead of covering 64; each thread holds W
+//   rows 16w + l/4 (+8) and tile rows 2(l%4) (+1, +8, +9), transposed on the way out
+//   (epilogue_tall_swapped).
+// A second WGMMA shape in the kernel is fine for ptxas in a loop of its own with its own
+// accumulators: under a branch inside the main loop, predicated, or on the main loop's
+// accumulators, ptxas serialized every WGMMA of the kernel (C7519/C7520/C7511; BENCHMARKS.md
+// runs 25, 26 and 30).
+template <int BN, int kStages, bool kSwapped>
+__device__ __forceinline__ void consume_tall_last(float (&acc)[kSwapped ? 16 : 64], const __nv_bfloat16 *sa,
+                                                  const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty,
+                                                  int &stage, uint32_t &phase, int k_blocks, int lane, uint32_t b_off0,
+                                                  uint32_t b_off1) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
-    const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + 64 * kBlockK);  // the second X box
-    const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
-      const uint64_t da = sm90::desc_k_major_sw128(a_base + kk * 32);
-      sm90::wgmma_m64n64k16_bf16(*reinterpret_cast<float(*)[32]>(&acc[0]), da,
-                                 sm90::desc_k_major_sw128(b_base + b_off0 + kk * 32), scale_d);
-      sm90::wgmma_m64n64k16_bf16(*reinterpret_cast<float(*)[32]>(&acc[32]), da,
-                                 sm90::desc_k_major_sw128(b_base + b_off1 + kk * 32), scale_d);
-    }
-    sm90::wgmma_commit();
-    sm90::fence_operands(acc);
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(acc);
-    sm90::release_stage(&empty[stage], lane);
-    if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-}
-
-// The swapped form of consume_tall_narrow for a last tile of at most 16 rows: W's rows are the
-// WGMMA's M side and the tile's rows its N side (m64n16), so the math shrinks with the rows
-// instead of covering 64. acc[0..8): W rows at b_off0 (64 of them), acc[8..16): at b_off1; each
-// thread holds W rows 16w + l/4 (+8) and tile rows 2(l%4) (+1, +8, +9), transposed on the way
-// out (epilogue_tall_swapped).
-template <int BN, int kStages>
-__device__ __forceinline__ void consume_tall_swapped(float (&acc)[16], const __nv_bfloat16 *sa,
-                                                     const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty,
-                                                     int &stage, uint32_t &phase, int k_blocks, int lane,
-                                                     uint32_t b_off0, uint32_t b_off1) {
-  constexpr int kTileA = kBlockM * kBlockK;
-  constexpr int kTileB = BN * kBlockK;
+  constexpr int kHalf = kSwapped ? 8 : 32;
+  float(&acc0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[0]);
+  float(&acc1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[kHalf]);
   for (int kb = 0; kb < k_blocks; ++kb) {
     sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
     const uint32_t x_base = sm90::smem_addr(sa + stage * kTileA + 64 * kBlockK);  // the second X box
@@ -524,17 +495,22 @@ __device__ __forceinline__ void consume_tall_swapped(float (&acc)[16], const __n
     for (int kk = 0; kk < kBlockK / 16; ++kk) {
       const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
       const uint64_t dx = sm90::desc_k_major_sw128(x_base + kk * 32);
-      sm90::wgmma_m64n16k16_bf16(*reinterpret_cast<float(*)[8]>(&acc[0]),
-                                 sm90::desc_k_major_sw128(w_base + b_off0 + kk * 32), dx, scale_d);
-      sm90::wgmma_m64n16k16_bf16(*reinterpret_cast<float(*)[8]>(&acc[8]),
-                                 sm90::desc_k_major_sw128(w_base + b_off1 + kk * 32), dx, scale_d);
+      const uint64_t dw0 = sm90::desc_k_major_sw128(w_base + b_off0 + kk * 32);
+      const uint64_t dw1 = sm90::desc_k_major_sw128(w_base + b_off1 + kk * 32);
+      if constexpr (kSwapped) {
+        sm90::wgmma_m64n16k16_bf16(acc0, dw0, dx, scale_d);
+        sm90::wgmma_m64n16k16_bf16(acc1, dw1, dx, scale_d);
+      } else {
+        sm90::wgmma_m64n64k16_bf16(acc0, dx, dw0, scale_d);
+        sm90::wgmma_m64n64k16_bf16(acc1, dx, dw1, scale_d);
+      }
     }
     sm90::wgmma_commit();
-    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[0]));
-    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[8]));
+    sm90::fence_operands(acc0);
+    sm90::fence_operands(acc1);
     sm90::wgmma_wait<0>();
-    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[0]));
-    sm90::fence_operands(*reinterpret_cast<float(*)[8]>(&acc[8]));
+    sm90::fence_operands(acc0);
+    sm90::fence_operands(acc1);
     sm90::release_stage(&empty[stage], lane);
     if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
     if (++stage == kStages) {
@@ -544,8 +520,8 @@ __device__ __forceinline__ void consume_tall_swapped(float (&acc)[16], const __n
   }
 }
 
-// Writes consume_tall_swapped's product: rows [row0, row0 + 16) (those below row_end) of the
-// output, columns [col_block * kCols, +kCols) with kCols = 128 (plain: acc[0..8) the first 64,
+// Writes the swapped consume_tall_last's product: rows [row0, row0 + 16) (those below row_end)
+// of the output, columns [col_block * kCols, +kCols) with kCols = 128 (plain: acc[0..8) the first 64,
 // acc[8..16) the next 64) or 64 (SwiGLU: silu(acc[i]) * acc[8 + i]). Transposed through the
 // consumer's staging buffer as bf16 [16][kCols], then copied in masked 16-byte chunks.
 template <int kEpilogue>
@@ -747,14 +723,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
           if (a.tall_pairs == 2 && tile.row_end - (tile.row0 + 64) <= 16) {
             float acc_swapped[16];
-            consume_tall_swapped<BN, kStages>(acc_swapped, sa, sb, full, empty, stage, phase, k_blocks, lane, off0,
+            consume_tall_last<BN, kStages, true>(acc_swapped, sa, sb, full, empty, stage, phase, k_blocks, lane, off0,
                                               off1);
             epilogue_tall_swapped<kEpilogue>(a, tile.row0 + 64, tile.row_end, tile.col_block, acc_swapped, consumer,
                                              warp, lane, staging + consumer * kStagingBytes);
             continue;
           }
           float acc_half[64];
-          consume_tall_narrow<BN, kStages>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, lane, off0, off1);
+          consume_tall_last<BN, kStages, false>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, lane, off0, off1);
           // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
           epilogue_tma<128, kEpilogue, 1>(a, &map_y, tile, acc_half, consumer, warp, lane,
                                           staging + consumer * kStagingBytes);
