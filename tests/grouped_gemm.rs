@@ -487,6 +487,27 @@ fn tall_pairs_against_the_oracle() {
     check::<f32>(&ctx, &mut c, Epi::SwiGlu, 1e-4);
 }
 
+/// K = 2048 (single CTAs, the 128 x 256 kernel): tiles of at most 32 rows run swapped on both
+/// consumers (the kernel's run_swapped: m64n16 up to 16 rows, m64n32 up to 32, unless
+/// `MOEKIT_GEMM_SWAP_SMALL=0` or `MOEKIT_GEMM_SWAP_ROWS=16`). Sizes give lone tiles of 1, 5, 16
+/// and 30 rows, last tiles of 1, 12, 16, 17 and 30 rows behind full ones (129, 140, 144, 145, 158,
+/// 272), a last tile over 32 rows (300) and an empty expert; bf16 plain, SwiGLU and row-scaled
+/// outputs against the CPU, with poisoned outputs.
+#[test]
+fn small_tiles_swapped_against_the_cpu() {
+    let Some(ctx) = gpu("small_tiles_swapped_against_the_cpu") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let sizes = [1usize, 5, 16, 30, 129, 140, 144, 145, 158, 272, 300, 0];
+    let ids = ids_of_sizes(&sizes, seed);
+    let (t, e) = (ids.len(), sizes.len());
+    let mut c = case(&ctx, "small tiles", ids, t, 1, e, 1024, 2048, 1);
+    check::<bf16>(&ctx, &mut c, Epi::Store, 5e-3);
+    check::<bf16>(&ctx, &mut c, Epi::SwiGlu, 5e-3);
+    check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
+}
+
 /// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
 /// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
 /// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 runs the

@@ -197,6 +197,24 @@ static int tall_pairs() {
   return v < 0 || v > 2 ? 2 : v;
 }
 
+// Single-CTA 128 x 256 kernels (K < 4096) with bf16 outputs: a tile of at most 16 rows (an
+// expert's last, DeepSeek-V3 T = 4096: half of the experts end in one of ~1-30 rows) runs swapped
+// on both consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's consume_swapped),
+// instead of one consumer multiplying 64 rows: the tall pairs' finding that the capped time
+// follows the math done. Not yet measured. MOEKIT_GEMM_SWAP_SMALL=0 turns it off (A/B timing).
+static int swap_small() {
+  static const int v = env_switch("MOEKIT_GEMM_SWAP_SMALL", 1);
+  return v != 0 ? 1 : 0;
+}
+
+// The most rows a swapped tile (tall pairs, single CTAs) takes: 16 runs m64n16 only, 32 also
+// m64n32 for 17-32 rows (~15% of the DeepSeek-V3 T = 4096 last tiles). Not yet measured;
+// MOEKIT_GEMM_SWAP_ROWS=16/32 (A/B timing).
+static int swap_rows() {
+  static const int v = env_switch("MOEKIT_GEMM_SWAP_ROWS", 32);
+  return v == 16 ? 16 : 32;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -363,6 +381,8 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.kb_per_split = (int32_t)moekit::ceil_div(p->k, kBlockK);
   a.band_m = band_m_tiles();
   a.tall_pairs = tall_pairs();
+  a.swap_small = swap_small();
+  a.swap_rows = swap_rows();
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

@@ -79,8 +79,12 @@ struct Args {
   int32_t band_m;
   // Pair kernels: an expert's full M tile paired with its last tile of at most 64 rows runs as a
   // tall pair (produce_pairs): 0 never, 1 always on m64n64 WGMMAs, 2 with last tiles of at most 16
-  // rows swapped (consume_tall_last). grouped_gemm.cu's tall_pairs says which and why.
+  // rows swapped (consume_narrow). grouped_gemm.cu's tall_pairs says which and why.
   int32_t tall_pairs;
+  // Single-CTA 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows (16 or 32) rows
+  // runs swapped on both consumers (run_swapped); 0 turns it off. grouped_gemm.cu's swap_small.
+  int32_t swap_small;
+  int32_t swap_rows;
 };
 
 struct Tile {
@@ -365,7 +369,7 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // tile of at most 64 rows (rank 1) in one column block runs as a tall pair. Each rank loads the
 // full tile's rows [64 r, 64 r + 64) as its first X box and the last tile's rows as its second;
 // its consumer 0 multiplies the first box by the whole W tile, its consumer 1 the second box by
-// the W rows of the rank's half of the output columns (consume_tall_last, swapped for at most 16
+// the W rows of the rank's half of the output columns (consume_narrow, swapped for at most 16
 // rows). Both CTAs then run 3 of the 4 row-block units of math per k-block instead of 4 and 2
 // (grouped_gemm.cu's tall_pairs has the measurements). The rank goes to the consumers in bits
 // 28-29 of the stage record's tile index.
@@ -463,32 +467,44 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
   }
 }
 
-// The k-blocks of a tall pair's last-tile consumer (produce_pairs): for each stage, two WGMMAs per
-// 16-deep slice of its 64-row X box (the stage's second) against the W rows at byte offsets
-// b_off0 and b_off1 of the stage (this rank's half of the output columns), into acc's two halves;
-// then the stage is freed in both CTAs.
-// - !kSwapped: two m64n64 (X rows on M), 64 accumulators in the layout of one m64n128.
-// - kSwapped (a last tile of at most 16 rows): W's rows are the M side and the tile's rows the N
-//   side (m64n16), so the math shrinks with the rows instead of covering 64; each thread holds W
-//   rows 16w + l/4 (+8) and tile rows 2(l%4) (+1, +8, +9), transposed on the way out
-//   (epilogue_tall_swapped).
+// m64nNk16 for the swapped tiles' N (their row count rounded up to 16 or 32).
+template <int N>
+__device__ __forceinline__ void wgmma_swapped(float (&acc)[N / 2], uint64_t desc_w, uint64_t desc_x, uint32_t scale_d) {
+  if constexpr (N == 16) {
+    sm90::wgmma_m64n16k16_bf16(acc, desc_w, desc_x, scale_d);
+  } else {
+    static_assert(N == 32, "swapped tiles of 16 or 32 rows");
+    sm90::wgmma_m64n32k16_bf16(acc, desc_w, desc_x, scale_d);
+  }
+}
+
+// The k-blocks of a consumer that multiplies one 64-row X box of the stage (x_box) by two slices
+// of the W tile, at byte offsets b_off0 and b_off1 of the stage, into acc's two halves; then the
+// stage is freed (in both CTAs for pairs). Used by a tall pair's last-tile consumer
+// (produce_pairs: X box 1, this rank's half of the output columns) and by single CTAs' small tiles
+// (X box 0, each consumer half of the W tile's rows).
+// - kSwappedN = 0: two m64n64 (X rows on M), 64 accumulators in the layout of one m64n128.
+// - kSwappedN = 16 or 32 (a tile of at most that many rows): W's rows are the M side and the
+//   tile's rows the N side (m64nN), so the math shrinks with the rows instead of covering 64;
+//   each thread holds W rows 16w + l/4 (+8) and tile rows 8i + 2(l%4) (+1), transposed on the way
+//   out (epilogue_swapped).
 // A second WGMMA shape in the kernel is fine for ptxas in a loop of its own with its own
 // accumulators: under a branch inside the main loop, predicated, or on the main loop's
 // accumulators, ptxas serialized every WGMMA of the kernel (C7519/C7520/C7511; BENCHMARKS.md
 // runs 25, 26 and 30).
-template <int BN, int kStages, bool kSwapped>
-__device__ __forceinline__ void consume_tall_last(float (&acc)[kSwapped ? 16 : 64], const __nv_bfloat16 *sa,
-                                                  const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty,
-                                                  int &stage, uint32_t &phase, int k_blocks, int lane, uint32_t b_off0,
-                                                  uint32_t b_off1) {
+template <int BN, int kStages, bool kPair, int kSwappedN>
+__device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSwappedN : 64], const __nv_bfloat16 *sa,
+                                               const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty, int &stage,
+                                               uint32_t &phase, int k_blocks, int x_box, int lane, uint32_t b_off0,
+                                               uint32_t b_off1) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
-  constexpr int kHalf = kSwapped ? 8 : 32;
+  constexpr int kHalf = kSwappedN != 0 ? kSwappedN / 2 : 32;
   float(&acc0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[0]);
   float(&acc1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[kHalf]);
   for (int kb = 0; kb < k_blocks; ++kb) {
     sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
-    const uint32_t x_base = sm90::smem_addr(sa + stage * kTileA + 64 * kBlockK);  // the second X box
+    const uint32_t x_base = sm90::smem_addr(sa + stage * kTileA + x_box * 64 * kBlockK);
     const uint32_t w_base = sm90::smem_addr(sb + stage * kTileB);
     sm90::wgmma_fence();
 #pragma unroll
@@ -497,9 +513,9 @@ __device__ __forceinline__ void consume_tall_last(float (&acc)[kSwapped ? 16 : 6
       const uint64_t dx = sm90::desc_k_major_sw128(x_base + kk * 32);
       const uint64_t dw0 = sm90::desc_k_major_sw128(w_base + b_off0 + kk * 32);
       const uint64_t dw1 = sm90::desc_k_major_sw128(w_base + b_off1 + kk * 32);
-      if constexpr (kSwapped) {
-        sm90::wgmma_m64n16k16_bf16(acc0, dw0, dx, scale_d);
-        sm90::wgmma_m64n16k16_bf16(acc1, dw1, dx, scale_d);
+      if constexpr (kSwappedN != 0) {
+        wgmma_swapped<kSwappedN>(acc0, dw0, dx, scale_d);
+        wgmma_swapped<kSwappedN>(acc1, dw1, dx, scale_d);
       } else {
         sm90::wgmma_m64n64k16_bf16(acc0, dx, dw0, scale_d);
         sm90::wgmma_m64n64k16_bf16(acc1, dx, dw1, scale_d);
@@ -512,7 +528,9 @@ __device__ __forceinline__ void consume_tall_last(float (&acc)[kSwapped ? 16 : 6
     sm90::fence_operands(acc0);
     sm90::fence_operands(acc1);
     sm90::release_stage(&empty[stage], lane);
-    if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+    if constexpr (kPair) {
+      if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+    }
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -520,22 +538,35 @@ __device__ __forceinline__ void consume_tall_last(float (&acc)[kSwapped ? 16 : 6
   }
 }
 
-// Writes the swapped consume_tall_last's product: rows [row0, row0 + 16) (those below row_end)
-// of the output, columns [col_block * kCols, +kCols) with kCols = 128 (plain: acc[0..8) the first 64,
-// acc[8..16) the next 64) or 64 (SwiGLU: silu(acc[i]) * acc[8 + i]). Transposed through the
-// consumer's staging buffer as bf16 [16][kCols], then copied in masked 16-byte chunks.
-template <int kEpilogue>
-__device__ __forceinline__ void epilogue_tall_swapped(const Args &a, int row0, int row_end, int col_block,
-                                                      const float (&acc)[16], int consumer, int warp, int lane,
-                                                      uint8_t *buf) {
+// Writes a swapped consume_narrow's product: rows [row0, row0 + N) (those below row_end) of the
+// bf16 output, columns [col_block * kCols, +kCols) with kCols = 128 (plain: acc[0, N/2) the first
+// 64, acc[N/2, N) the next 64; ROW_SCALE: times the row's routing weight) or 64 (SwiGLU:
+// silu(acc[f]) * acc[N/2 + f]). Transposed through the consumer's staging buffer as bf16
+// [N][kCols], then copied in masked 16-byte chunks.
+template <int kEpilogue, int N>
+__device__ __forceinline__ void epilogue_swapped(const Args &a, int row0, int row_end, int col_block,
+                                                 const float (&acc)[N], int consumer, int warp, int lane,
+                                                 uint8_t *buf) {
   constexpr bool kSwiglu = kEpilogue == MOEKIT_EPILOGUE_SWIGLU;
   constexpr int kCols = kSwiglu ? 64 : 128;
+  constexpr int kBlocks = N / 8;  // 8-row blocks of the tile: i in the fragment order
   const int tid = threadIdx.x % 128;
+  // ROW_SCALE: the weights of the thread's rows 8i + 2(l%4) + j, loaded before the barrier.
+  float scale[2 * kBlocks];
+#pragma unroll
+  for (int q = 0; q < 2 * kBlocks; ++q) scale[q] = 1.0f;
+  if constexpr (kEpilogue == MOEKIT_EPILOGUE_ROW_SCALE) {
+#pragma unroll
+    for (int q = 0; q < 2 * kBlocks; ++q) {
+      const int r = row0 + 8 * (q / 2) + 2 * (lane % 4) + q % 2;
+      if (r < row_end) scale[q] = __ldg(a.row_weights + __ldg(a.row_map + r));
+    }
+  }
   if (tid == 0) sm90::bulk_wait_group_read<0>();  // earlier TMA stores from the buffer have read it
   warpgroup_barrier(1 + consumer);
   __nv_bfloat16 *st = reinterpret_cast<__nv_bfloat16 *>(buf);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kBlocks; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -543,10 +574,11 @@ __device__ __forceinline__ void epilogue_tall_swapped(const Args &a, int row0, i
         const int n = 8 * i + 2 * (lane % 4) + j, m = 16 * warp + lane / 4 + 8 * h;
         const int f = 4 * i + 2 * h + j;
         if constexpr (kSwiglu) {
-          st[n * kCols + m] = __float2bfloat16_rn(silu(acc[f]) * acc[8 + f]);
+          st[n * kCols + m] = __float2bfloat16_rn(silu(acc[f]) * acc[N / 2 + f]);
         } else {
-          st[n * kCols + m] = __float2bfloat16_rn(acc[f]);
-          st[n * kCols + 64 + m] = __float2bfloat16_rn(acc[8 + f]);
+          const float w = scale[2 * i + j];
+          st[n * kCols + m] = __float2bfloat16_rn(w * acc[f]);
+          st[n * kCols + 64 + m] = __float2bfloat16_rn(w * acc[N / 2 + f]);
         }
       }
     }
@@ -554,13 +586,38 @@ __device__ __forceinline__ void epilogue_tall_swapped(const Args &a, int row0, i
   warpgroup_barrier(1 + consumer);
   __nv_bfloat16 *y = static_cast<__nv_bfloat16 *>(a.y);
 #pragma unroll
-  for (int idx = tid; idx < 16 * kCols / 8; idx += 128) {
+  for (int idx = tid; idx < N * kCols / 8; idx += 128) {
     const int n = idx / (kCols / 8), c = idx % (kCols / 8);
     const int r = row0 + n, col = col_block * kCols + 8 * c;
     if (r < row_end && col < a.n_out) {
       *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = *reinterpret_cast<const uint4 *>(st + n * kCols + 8 * c);
     }
   }
+}
+
+// Runs a tile of at most 32 rows swapped: N = 16 or 32 by its row count (`rows`; 32 only where
+// a.swap_rows allows it, and not in pairs: beside their m64n256 and m64n64 loops a fourth WGMMA
+// shape made ptxas serialize every WGMMA and spill, C7512). Returns false (nothing done) for more
+// rows.
+template <int BN, int kStages, bool kPair, int kEpilogue>
+__device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, int row_end, int col_block,
+                                            const __nv_bfloat16 *sa, const __nv_bfloat16 *sb, uint64_t *full,
+                                            uint64_t *empty, int &stage, uint32_t &phase, int k_blocks, int x_box,
+                                            int consumer, int warp, int lane, uint32_t off0, uint32_t off1,
+                                            uint8_t *buf) {
+  if (rows <= 16) {
+    float acc[16];
+    consume_narrow<BN, kStages, kPair, 16>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, off0, off1);
+    epilogue_swapped<kEpilogue, 16>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
+    return true;
+  }
+  if (!kPair && rows <= a.swap_rows) {
+    float acc[32];
+    consume_narrow<BN, kStages, kPair, 32>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, off0, off1);
+    epilogue_swapped<kEpilogue, 32>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
+    return true;
+  }
+  return false;
 }
 
 // kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
@@ -598,6 +655,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // with the staged epilogues (f32 or row-scaled outputs) the second epilogue instance made the
   // consumers spill (5 -> 8..15 spill stores).
   constexpr bool kTall = kPair && kTmaRounds > 0;
+  // Swapped small tiles in the single-CTA 128 x 256 kernels with bf16 outputs (the DeepSeek-V3
+  // and Qwen3 down projections, K < 4096).
+  constexpr bool kSwapSmall = !kPair && !kSplitK && BN == 256 && std::is_same<OutT, __nv_bfloat16>::value;
   // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
   // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
   constexpr int kProducerRegs = 24;
@@ -721,19 +781,35 @@ __global__ void __launch_bounds__(kThreads, 1)
           constexpr uint32_t kRowBytes = kBlockK * 2;
           const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? rank * 64 : rank * 128) * kRowBytes;
           const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
-          if (a.tall_pairs == 2 && tile.row_end - (tile.row0 + 64) <= 16) {
-            float acc_swapped[16];
-            consume_tall_last<BN, kStages, true>(acc_swapped, sa, sb, full, empty, stage, phase, k_blocks, lane, off0,
-                                              off1);
-            epilogue_tall_swapped<kEpilogue>(a, tile.row0 + 64, tile.row_end, tile.col_block, acc_swapped, consumer,
-                                             warp, lane, staging + consumer * kStagingBytes);
+          if (a.tall_pairs == 2 &&
+              run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
+                                                        tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,
+                                                        consumer, warp, lane, off0, off1,
+                                                        staging + consumer * kStagingBytes)) {
             continue;
           }
           float acc_half[64];
-          consume_tall_last<BN, kStages, false>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, lane, off0, off1);
+          consume_narrow<BN, kStages, true, 0>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, 1, lane, off0,
+                                               off1);
           // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
           epilogue_tma<128, kEpilogue, 1>(a, &map_y, tile, acc_half, consumer, warp, lane,
                                           staging + consumer * kStagingBytes);
+          continue;
+        }
+      }
+      if constexpr (kSwapSmall) {
+        if (a.swap_small != 0 && tile.row_end - tile.row0 <= a.swap_rows) {
+          // A tile of at most 32 rows (the producer loaded X box 0 only): both consumers, each on
+          // half of the W tile's rows, swapped -- consumer 1 would otherwise idle while consumer 0
+          // multiplied 64 rows. Each consumer writes an output block of a 128-wide tile.
+          constexpr uint32_t kRowBytes = kBlockK * 2;
+          const uint32_t c = (uint32_t)consumer;
+          const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? c * 64 : c * 128) * kRowBytes;
+          const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
+          run_swapped<BN, kStages, false, kEpilogue>(a, tile.row_end - tile.row0, tile.row0, tile.row_end,
+                                                     2 * tile.col_block + consumer, sa, sb, full, empty, stage, phase,
+                                                     k_blocks, 0, consumer, warp, lane, off0, off1,
+                                                     staging + consumer * kStagingBytes);
           continue;
         }
       }
