@@ -508,6 +508,32 @@ fn small_tiles_swapped_against_the_cpu() {
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
 }
 
+/// K = 4096 (pairs of CTAs): tiles of at most 16 rows run swapped on both consumers there too
+/// (`MOEKIT_GEMM_SWAP_SMALL=2`, the default): the last tiles of experts paired two by two (520
+/// and 528: 8 and 16 rows; 272: 16), lone tiles of 5, 16 and 1 rows, and a W-sharing pair whose
+/// second tile holds one row (129: a tall pair with plain and SwiGLU outputs, swapped here with
+/// row-scaled ones), while last tiles of 17 rows (17, 529) keep the m64n256 path. Plain and
+/// SwiGLU bf16 against the oracle, row-scaled bf16 against the CPU with poisoned outputs.
+#[test]
+fn small_tiles_swapped_in_pairs_against_the_oracle() {
+    let Some(ctx) = gpu("small_tiles_swapped_in_pairs_against_the_oracle") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let sizes = [520usize, 272, 528, 529, 5, 16, 17, 1, 129, 0];
+    let ids = ids_of_sizes(&sizes, seed);
+    let (t, e) = (ids.len(), sizes.len());
+    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
+    let problems = [
+        (Epilogue::Store, 1024, 1024),
+        (Epilogue::SwiGlu, 1024, 512),
+        (Epilogue::Store, 640, 640),
+    ];
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    let mut c = case(&ctx, "small tiles in pairs", ids, t, 1, e, 1024, 4096, 1);
+    check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
+}
+
 /// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
 /// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
 /// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 runs the

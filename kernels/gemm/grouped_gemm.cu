@@ -197,18 +197,27 @@ static int tall_pairs() {
   return v < 0 || v > 2 ? 2 : v;
 }
 
-// Single-CTA 128 x 256 kernels (K < 4096) with bf16 outputs: a tile of at most 16 rows (an
-// expert's last, DeepSeek-V3 T = 4096: half of the experts end in one of ~1-30 rows) runs swapped
-// on both consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's consume_swapped),
-// instead of one consumer multiplying 64 rows: the tall pairs' finding that the capped time
-// follows the math done. Not yet measured. MOEKIT_GEMM_SWAP_SMALL=0 turns it off (A/B timing).
+// 128 x 256 kernels with bf16 outputs: a tile of at most 16 rows (an expert's last: at
+// DeepSeek-V3 T = 4096 half of the experts end in one of ~1-30 rows) runs swapped on both
+// consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's run_swapped), instead of
+// one consumer multiplying 64 rows: the tall pairs' finding that the capped time follows the math
+// done. 0 never, 1 in the single-CTA kernels (K < 4096), 2 in the pair kernels too (K >= 4096:
+// tail pairs, lone tiles, W-sharing pairs outside tall pairs). Run 31 call 2 (0 / 1, 3 rounds,
+// us): DeepSeek-V3 T = 4096 down 2424-2454 / 2264-2308 (-5.5%), T = 16384 down 6505-6508 /
+// 6479-6485, Qwen3 T = 4096 up 373-375 / 372, layer 7312-7317 / 7296-7302 (there the down
+// projection runs off the power cap). Call 3 (1 / 2): the layer 7319-7341 / 7172-7211 (-1.9%:
+// its random router skews the loads, so more experts end in a small tile outside a tall pair),
+// the uniform gate+up cases within +-0.2% (DeepSeek-V3 T = 4096 and 16384, Zipf, Mixtral up and
+// down). MOEKIT_GEMM_SWAP_SMALL=0/1/2 (A/B timing).
 static int swap_small() {
-  static const int v = env_switch("MOEKIT_GEMM_SWAP_SMALL", 1);
-  return v != 0 ? 1 : 0;
+  static const int v = env_switch("MOEKIT_GEMM_SWAP_SMALL", 2);
+  return v < 0 || v > 2 ? 2 : v;
 }
 
-// The most rows a swapped tile (tall pairs, single CTAs) takes: 16 runs m64n16 only, 32 also
-// m64n32 for 17-32 rows (~15% of the DeepSeek-V3 T = 4096 last tiles). Not yet measured;
+// The most rows a swapped tile of a single CTA takes: 16 runs m64n16 only, 32 also m64n32 for
+// 17-32 rows (~15% of the DeepSeek-V3 T = 4096 last tiles; pairs keep 16: a fourth WGMMA shape
+// there serialized every WGMMA). Run 31 call 2 (16 / 32, us): DeepSeek-V3 T = 4096 down
+// 2225-2433 / 2264-2308 (noisy), Qwen3 T = 16384 down 607-609 / 608-610: no clear difference.
 // MOEKIT_GEMM_SWAP_ROWS=16/32 (A/B timing).
 static int swap_rows() {
   static const int v = env_switch("MOEKIT_GEMM_SWAP_ROWS", 32);

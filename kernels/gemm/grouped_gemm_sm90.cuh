@@ -81,8 +81,9 @@ struct Args {
   // tall pair (produce_pairs): 0 never, 1 always on m64n64 WGMMAs, 2 with last tiles of at most 16
   // rows swapped (consume_narrow). grouped_gemm.cu's tall_pairs says which and why.
   int32_t tall_pairs;
-  // Single-CTA 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows (16 or 32) rows
-  // runs swapped on both consumers (run_swapped); 0 turns it off. grouped_gemm.cu's swap_small.
+  // 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows (16 or 32; pairs 16) rows
+  // runs swapped on both consumers (run_swapped): 0 never, 1 in single CTAs, 2 in pairs too.
+  // grouped_gemm.cu's swap_small.
   int32_t swap_small;
   int32_t swap_rows;
 };
@@ -655,9 +656,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // with the staged epilogues (f32 or row-scaled outputs) the second epilogue instance made the
   // consumers spill (5 -> 8..15 spill stores).
   constexpr bool kTall = kPair && kTmaRounds > 0;
-  // Swapped small tiles in the single-CTA 128 x 256 kernels with bf16 outputs (the DeepSeek-V3
-  // and Qwen3 down projections, K < 4096).
-  constexpr bool kSwapSmall = !kPair && !kSplitK && BN == 256 && std::is_same<OutT, __nv_bfloat16>::value;
+  // Swapped small tiles in the 128 x 256 kernels with bf16 outputs: single CTAs (the DeepSeek-V3
+  // and Qwen3 down projections, K < 4096) and pairs (K >= 4096: the last tiles of experts that
+  // pair with another last tile or straddle column blocks, and W-sharing pairs without tall pairs).
+  constexpr bool kSwapSmall = !kSplitK && BN == 256 && std::is_same<OutT, __nv_bfloat16>::value;
   // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
   // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
   constexpr int kProducerRegs = 24;
@@ -798,19 +800,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if constexpr (kSwapSmall) {
-        if (a.swap_small != 0 && tile.row_end - tile.row0 <= a.swap_rows) {
-          // A tile of at most 32 rows (the producer loaded X box 0 only): both consumers, each on
-          // half of the W tile's rows, swapped -- consumer 1 would otherwise idle while consumer 0
-          // multiplied 64 rows. Each consumer writes an output block of a 128-wide tile.
+        const int rows = tile.row_end - tile.row0;
+        if (a.swap_small > (kPair ? 1 : 0) && tall == 0 && rows > 0 && rows <= a.swap_rows) {
+          // A tile of at most 32 rows (the producer loaded X box 0 only; the whole W tile is in the
+          // stage, pairs included): both consumers, each on half of the W tile's rows, swapped --
+          // consumer 1 would otherwise idle while consumer 0 multiplied 64 rows. Each consumer
+          // writes an output block of a 128-wide tile. (A pair rank without a tile has no rows.)
           constexpr uint32_t kRowBytes = kBlockK * 2;
           const uint32_t c = (uint32_t)consumer;
           const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? c * 64 : c * 128) * kRowBytes;
           const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
-          run_swapped<BN, kStages, false, kEpilogue>(a, tile.row_end - tile.row0, tile.row0, tile.row_end,
-                                                     2 * tile.col_block + consumer, sa, sb, full, empty, stage, phase,
-                                                     k_blocks, 0, consumer, warp, lane, off0, off1,
-                                                     staging + consumer * kStagingBytes);
-          continue;
+          if (run_swapped<BN, kStages, kPair, kEpilogue>(a, rows, tile.row0, tile.row_end, 2 * tile.col_block + consumer,
+                                                         sa, sb, full, empty, stage, phase, k_blocks, 0, consumer, warp,
+                                                         lane, off0, off1, staging + consumer * kStagingBytes)) {
+            continue;
+          }
         }
       }
       for (int kb = kb_begin; kb < kb_end; ++kb) {
