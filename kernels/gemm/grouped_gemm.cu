@@ -197,18 +197,21 @@ static int tall_pairs() {
   return v < 0 || v > 2 ? 2 : v;
 }
 
-// 128 x 256 kernels with bf16 outputs: a tile of at most 16 rows (an expert's last: at
-// DeepSeek-V3 T = 4096 half of the experts end in one of ~1-30 rows) runs swapped on both
+// 128 x 256 kernels with bf16 outputs: a tile of at most 16 rows (single CTAs: swap_rows; an
+// expert's last: at DeepSeek-V3 T = 4096 half of the experts end in one of ~1-30 rows) runs swapped on both
 // consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's run_swapped), instead of
 // one consumer multiplying 64 rows: the tall pairs' finding that the capped time follows the math
 // done. 0 never, 1 in the single-CTA kernels (K < 4096), 2 in the pair kernels too (K >= 4096:
-// tail pairs, lone tiles, W-sharing pairs outside tall pairs). Run 31 call 2 (0 / 1, 3 rounds,
-// us): DeepSeek-V3 T = 4096 down 2424-2454 / 2264-2308 (-5.5%), T = 16384 down 6505-6508 /
-// 6479-6485, Qwen3 T = 4096 up 373-375 / 372, layer 7312-7317 / 7296-7302 (there the down
-// projection runs off the power cap). Call 3 (1 / 2): the layer 7319-7341 / 7172-7211 (-1.9%:
-// its random router skews the loads, so more experts end in a small tile outside a tall pair),
-// the uniform gate+up cases within +-0.2% (DeepSeek-V3 T = 4096 and 16384, Zipf, Mixtral up and
-// down). MOEKIT_GEMM_SWAP_SMALL=0/1/2 (A/B timing).
+// tail pairs, lone tiles, W-sharing pairs outside tall pairs). Measured (H200, BENCHMARKS.md run
+// 31, us, A/B in one call):
+// - 0 -> 1: Qwen3 T = 4096 up 375.6 -> 372.5-373.6 (-0.7%), T = 16384 down 614-615 -> 611-613,
+//   DeepSeek-V3 T = 16384 down 6505-6508 -> 6479-6485 (-0.4%). DeepSeek-V3 T = 4096 down swings
+//   between ~2230 and ~2450 in every setting (call 2: 2424-2454 -> 2264-2308; call 6: 2233-2367
+//   -> 2251-2353): no reliable difference there.
+// - 1 -> 2: the layer 7319-7341 -> 7172-7211 (-1.9%: its random router skews the loads, so more
+//   experts end in a small tile outside a tall pair); the uniform gate+up cases within +-0.2%
+//   (their small tiles are W-load-bound: the math saved is not their time).
+// MOEKIT_GEMM_SWAP_SMALL=0/1/2 (A/B timing).
 static int swap_small() {
   static const int v = env_switch("MOEKIT_GEMM_SWAP_SMALL", 2);
   return v < 0 || v > 2 ? 2 : v;
@@ -216,8 +219,8 @@ static int swap_small() {
 
 // The most rows a swapped tile of a single CTA takes: 16 runs m64n16 only, 32 also m64n32 for
 // 17-32 rows (~15% of the DeepSeek-V3 T = 4096 last tiles; pairs keep 16: a fourth WGMMA shape
-// there serialized every WGMMA). Run 31 call 2 (16 / 32, us): DeepSeek-V3 T = 4096 down
-// 2225-2433 / 2264-2308 (noisy), Qwen3 T = 16384 down 607-609 / 608-610: no clear difference.
+// there serialized every WGMMA). Run 31 (16 / 32, us): Qwen3 T = 16384 down 611-614 / 611-613,
+// T = 4096 up 372.6-373.8 / 372.3-373.6: no difference beyond noise; 32 covers more tiles.
 // MOEKIT_GEMM_SWAP_ROWS=16/32 (A/B timing).
 static int swap_rows() {
   static const int v = env_switch("MOEKIT_GEMM_SWAP_ROWS", 32);
