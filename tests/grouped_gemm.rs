@@ -432,6 +432,19 @@ fn ids_of_sizes(sizes: &[usize], seed: u64) -> Vec<i32> {
     ids
 }
 
+/// The pair-order tests' problems at K = 4096 (the 2-CTA pair kernels): plain over 4 and 3
+/// column blocks and SwiGLU over 4 (128 outputs each), WGMMA against the oracle, one token per
+/// id (top-1) over `experts` experts.
+fn pair_problems_vs_oracle(ctx: &Context, ids: &[i32], experts: usize, seed: u64) {
+    let cfg = PlanConfig::new(ids.len(), 1, experts).block_m(BLOCK_M);
+    let problems = [
+        (Epilogue::Store, 1024, 1024),
+        (Epilogue::SwiGlu, 1024, 512),
+        (Epilogue::Store, 640, 640),
+    ];
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, ids, 4096, problems, seed);
+}
+
 /// K = 4096 pairs whose experts end in a tile of at most 64 rows behind an even number of full
 /// tiles: those run column blocks two by two, the two last tiles paired with each other (the
 /// kernel's decode_tile). The expert sizes mix that case (300, 280 and 520 rows) with the ones
@@ -447,13 +460,7 @@ fn tail_pairs_against_the_oracle() {
     let seed = fresh_seed();
     let sizes = [300usize, 280, 129, 600, 520, 0, 5, 384];
     let ids = ids_of_sizes(&sizes, seed);
-    let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
-    let problems = [
-        (Epilogue::Store, 1024, 1024),
-        (Epilogue::SwiGlu, 1024, 512),
-        (Epilogue::Store, 640, 640),
-    ];
-    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    pair_problems_vs_oracle(&ctx, &ids, sizes.len(), seed);
 }
 
 /// K = 4096 pairs where an expert ends in a tile of at most 64 rows behind an odd number of full
@@ -474,13 +481,7 @@ fn tall_pairs_against_the_oracle() {
     let sizes = [129usize, 150, 192, 448, 400, 64, 0, 1];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());
-    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
-    let problems = [
-        (Epilogue::Store, 1024, 1024),
-        (Epilogue::SwiGlu, 1024, 512),
-        (Epilogue::Store, 640, 640),
-    ];
-    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    pair_problems_vs_oracle(&ctx, &ids, e, seed);
     let mut c = case(&ctx, "tall pairs", ids, t, 1, e, 1024, 4096, 1);
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
     check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
@@ -523,13 +524,7 @@ fn small_tiles_swapped_in_pairs_against_the_oracle() {
     let sizes = [520usize, 272, 528, 529, 5, 16, 17, 1, 129, 0];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());
-    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
-    let problems = [
-        (Epilogue::Store, 1024, 1024),
-        (Epilogue::SwiGlu, 1024, 512),
-        (Epilogue::Store, 640, 640),
-    ];
-    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    pair_problems_vs_oracle(&ctx, &ids, e, seed);
     let mut c = case(&ctx, "small tiles in pairs", ids, t, 1, e, 1024, 4096, 1);
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
 }

@@ -468,6 +468,20 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
   }
 }
 
+// Byte offsets, within a stage's W tile, of the two 64-row slices behind half `part` (0 or 1) of
+// the tile's output columns: for SwiGLU 64 gate rows and the matching 64 up rows (BN/2 further),
+// else 128 consecutive rows. The narrow consumers (consume_narrow) split the W tile this way.
+struct WHalf {
+  uint32_t off0, off1;
+};
+template <int BN, int kEpilogue>
+__device__ __forceinline__ WHalf w_half(uint32_t part) {
+  constexpr uint32_t kRowBytes = kBlockK * 2;
+  constexpr bool kSwiglu = kEpilogue == MOEKIT_EPILOGUE_SWIGLU;
+  const uint32_t off0 = (kSwiglu ? part * 64 : part * 128) * kRowBytes;
+  return WHalf{off0, off0 + (kSwiglu ? BN / 2 : 64) * kRowBytes};
+}
+
 // m64nNk16 for the swapped tiles' N (their row count rounded up to 16 or 32).
 template <int N>
 __device__ __forceinline__ void wgmma_swapped(float (&acc)[N / 2], uint64_t desc_w, uint64_t desc_x, uint32_t scale_d) {
@@ -777,12 +791,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
       if constexpr (kTall) {
         if (tall != 0 && consumer == 1) {
-          // The W rows of this rank's half of the output columns: for SwiGLU 64 gate rows and the
-          // matching 64 up rows (BN/2 further), else 128 consecutive rows.
-          const uint32_t rank = (uint32_t)(tall - 1);
-          constexpr uint32_t kRowBytes = kBlockK * 2;
-          const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? rank * 64 : rank * 128) * kRowBytes;
-          const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
+          // The W rows of this rank's half of the output columns.
+          const WHalf w = w_half<BN, kEpilogue>((uint32_t)(tall - 1));
+          const uint32_t off0 = w.off0, off1 = w.off1;
           if (a.tall_pairs == 2 &&
               run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
                                                         tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,
@@ -806,10 +817,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           // stage, pairs included): both consumers, each on half of the W tile's rows, swapped --
           // consumer 1 would otherwise idle while consumer 0 multiplied 64 rows. Each consumer
           // writes an output block of a 128-wide tile. (A pair rank without a tile has no rows.)
-          constexpr uint32_t kRowBytes = kBlockK * 2;
-          const uint32_t c = (uint32_t)consumer;
-          const uint32_t off0 = (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? c * 64 : c * 128) * kRowBytes;
-          const uint32_t off1 = off0 + (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : 64) * kRowBytes;
+          const WHalf w = w_half<BN, kEpilogue>((uint32_t)consumer);
+          const uint32_t off0 = w.off0, off1 = w.off1;
           if (run_swapped<BN, kStages, kPair, kEpilogue>(a, rows, tile.row0, tile.row_end, 2 * tile.col_block + consumer,
                                                          sa, sb, full, empty, stage, phase, k_blocks, 0, consumer, warp,
                                                          lane, off0, off1, staging + consumer * kStagingBytes)) {
