@@ -82,10 +82,10 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
 }
 
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
-          int kTmaRounds = 0>
+          int kTmaRounds = 0, int kFoldRows = 0>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
-  CUtensorMap map_x, map_w, map_y;
+  CUtensorMap map_x, map_w, map_y, map_xf;
   // Clusters load W in halves of BN/2 rows (each CTA one half, multicast); SwiGLU always does.
   const int w_box = kEpilogue == MOEKIT_EPILOGUE_SWIGLU || kCluster > 1 ? BN / 2 : BN;
   if (!make_bf16_sw128_map(&map_x, p.x, std::max<int64_t>(p.x_rows, 1), p.k, 64) ||
@@ -101,8 +101,16 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   } else {
     map_y = map_x;  // unused
   }
-  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster, kTmaRounds>;
-  constexpr size_t smem = smem_bytes<BN, kStages, kEpilogue, kTmaRounds>();
+  if constexpr (kFoldRows > 0) {
+    // The fold boxes: kFoldRows rows of X past a full tile (rows past x_rows read as zeros).
+    if (!make_bf16_sw128_map(&map_xf, p.x, std::max<int64_t>(p.x_rows, 1), p.k, kFoldRows)) {
+      return MOEKIT_ERR_UNSUPPORTED;
+    }
+  } else {
+    map_xf = map_x;  // unused
+  }
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster, kTmaRounds, kFoldRows>;
+  constexpr size_t smem = smem_bytes<BN, kStages, kEpilogue, kTmaRounds, kFoldRows>();
   static_assert(smem <= 232448, "over the 227 KB of shared memory a block may use");
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
@@ -137,12 +145,12 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
-    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_y, a));
+    MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_y, map_xf, a));
     return MOEKIT_OK;
   } else {
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
     const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
-    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, map_y, a);
+    kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, map_y, map_xf, a);
     return last_launch_status();
   }
 }
@@ -227,6 +235,28 @@ static int swap_rows() {
   return v == 16 ? 16 : 32;
 }
 
+// Folded last tiles in the single-CTA plain bf16 kernel with TMA stores (K < 4096: the
+// DeepSeek-V3 and Qwen3 down projections; grouped_gemm_sm90.cuh's consume_folded): an expert's
+// last M tile of at most 16 rows behind a full one runs inside that full tile instead of as a
+// tile of its own that streams a whole W tile for a few rows. A folded tile costs ~1/4 of a tile
+// (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16 of an m64n256's
+// math), the small tile it replaces ~0.7. But the folding kernel also ran 1-2.6% slower than the
+// plain one on tiles that fold nothing (not its main loop, whose SASS is the same), so it pays
+// where folds are many per tile: at few M tiles per expert. Measured (H200, BENCHMARKS.md run 32,
+// us, off -> on, mean rows per expert): DeepSeek-V3 T = 4096 down (128) 2227-2371 -> 1971-2080
+// (-10%), Qwen3 T = 4096 down (256) 202-207 -> 198.5-200 (-2.5%), DeepSeek-V3 T = 16384 down
+// (512) 6352-6588 -> 6375-6576 (+-0.5%), Qwen3 T = 16384 down (1024) 607-616 -> 614-626
+// (+1.1..+1.5%), DeepSeek-V3 T = 16384 balanced (512 each: no fold) 5870-5877 -> 6012-6038; with
+// 520 rows each (T = 16640, every expert folds) 6995-7006 -> 6593-6604 (-5.8%). So: folds when
+// the mean is 96 to 384 rows (at most 3 M tiles). MOEKIT_GEMM_FOLD_SMALL=0 never, 1 by the mean
+// (default), 2 always (A/B timing).
+static bool fold_small(const moekit_grouped_gemm_params &p) {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_SMALL", 1);
+  if (v == 0 || v == 2) return v == 2;
+  const int64_t mean_rows = p.rows / std::max(1, p.num_local);
+  return mean_rows > 96 && mean_rows <= 3 * kBlockM;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -305,6 +335,12 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
         if (use_w_pairs(p)) {
           const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2, kSwiglu ? 1 : 2>(p, a, stream);
           if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;
+        }
+        if constexpr (!kSwiglu) {
+          if (fold_small(p)) {
+            const moekit_status folded = run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
+            if (folded != MOEKIT_ERR_UNSUPPORTED) return folded;
+          }
         }
         const moekit_status single = run_wgmma<256, kSwiglu ? 4 : 3, kEpilogue, OutT, false, 1, 1>(p, a, stream);
         if (single != MOEKIT_ERR_UNSUPPORTED) return single;

@@ -330,10 +330,10 @@ constexpr size_t staging_bytes() {
                         : (size_t)64 * kStageRowBytes;
 }
 
-template <int BN, int kStages, int kEpilogue = MOEKIT_EPILOGUE_STORE, int kTmaRounds = 0>
+template <int BN, int kStages, int kEpilogue = MOEKIT_EPILOGUE_STORE, int kTmaRounds = 0, int kFoldRows = 0>
 constexpr size_t smem_bytes() {
   // + the cluster's claim mailbox: 4 barriers and 2 work-item ids (unused without clusters).
-  return (size_t)kStages * (kBlockM + BN) * kBlockK * 2 +
+  return (size_t)kStages * (kBlockM + BN + kFoldRows) * kBlockK * 2 +
          (size_t)kConsumers * staging_bytes<BN, kEpilogue, kTmaRounds>() +
          2 * kStages * sizeof(uint64_t) + kStages * sizeof(int4) + 4 * sizeof(uint64_t) + 2 * sizeof(int32_t) + 1024;
 }
@@ -635,13 +635,84 @@ __device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, i
   return false;
 }
 
+// Folded last tiles (kFoldRows > 0, single CTAs): an expert whose last M tile holds at most
+// kFoldRows rows behind a full tile runs that last tile inside the full one. The small tile alone
+// streamed a whole W tile from L2 for a few rows and cost ~70% of a full tile's time (W-load-bound:
+// balanced routing with 8 more rows per expert took the DeepSeek-V3 T = 16384 down projection from
+// 6000 to 6909 us with the small tiles swapped, BENCHMARKS.md run 31 call 7); folded, it is two
+// swapped m64n16 WGMMAs per 16-deep slice beside each consumer's m64n256 (+1/8 of the math) on
+// the W tile already in the stage, and one 16-row X box (2 KB) more per stage.
+//   - decode: the producer skips the small tile (folded_away) and loads its rows as the fold box
+//     of the full tile before it; both sides tell a folding tile by its row range alone
+//     (folds_next): 128 < row_end - row0 <= 128 + kFoldRows holds exactly for the full tile
+//     right before an expert's last tile of at most kFoldRows rows.
+//   - each consumer multiplies its 64 rows by the whole W tile and the fold box by the W rows of
+//     its half of the output columns (w_half), as a swapped small tile does (run_swapped).
+template <int kFoldRows>
+__device__ __forceinline__ bool folds_next(int row0, int row_end) {
+  return kFoldRows > 0 && row_end - row0 > kBlockM && row_end - row0 <= kBlockM + kFoldRows;
+}
+template <int kFoldRows>
+__device__ __forceinline__ bool folded_away(const Args &a, const Tile &tile) {
+  return kFoldRows > 0 && tile.row_end - tile.row0 <= kFoldRows && tile.row0 - __ldg(a.offsets + tile.expert) >= kBlockM;
+}
+
+// The k-blocks of a folding tile: the consumer's m64n256 over its X half and, in the same
+// k16 slices, the fold box's rows swapped against the two 64-row W slices of w (one m64n16
+// each). One loop of its own with its own accumulators: ptxas keeps one gsb0 per loop (a second
+// WGMMA shape under a branch of the main loop serialized every WGMMA, BENCHMARKS.md run 25).
+template <int BN, int kStages, int kFoldRows>
+__device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc_fold)[kFoldRows],
+                                               const __nv_bfloat16 *sa, const __nv_bfloat16 *sb,
+                                               const __nv_bfloat16 *sf, uint64_t *full, uint64_t *empty, int &stage,
+                                               uint32_t &phase, int k_blocks, int consumer, int lane, WHalf w) {
+  constexpr int kTileA = kBlockM * kBlockK;
+  constexpr int kTileB = BN * kBlockK;
+  constexpr int kTileF = kFoldRows * kBlockK;
+  constexpr int kHalf = kFoldRows / 2;
+  float(&fold0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc_fold[0]);
+  float(&fold1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc_fold[kHalf]);
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
+    const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
+    const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
+    const uint32_t f_base = sm90::smem_addr(sf + stage * kTileF);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
+      wgmma_tile<BN>(acc, sm90::desc_k_major_sw128(a_base + kk * 32), sm90::desc_k_major_sw128(b_base + kk * 32),
+                     scale_d);
+      const uint64_t df = sm90::desc_k_major_sw128(f_base + kk * 32);
+      wgmma_swapped<kFoldRows>(fold0, sm90::desc_k_major_sw128(b_base + w.off0 + kk * 32), df, scale_d);
+      wgmma_swapped<kFoldRows>(fold1, sm90::desc_k_major_sw128(b_base + w.off1 + kk * 32), df, scale_d);
+    }
+    sm90::wgmma_commit();
+    sm90::fence_operands(acc);
+    sm90::fence_operands(fold0);
+    sm90::fence_operands(fold1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(acc);
+    sm90::fence_operands(fold0);
+    sm90::fence_operands(fold1);
+    sm90::release_stage(&empty[stage], lane);
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+}
+
 // kSplitK: tiles are (tile, split) pairs over k-block ranges, summed into a.partials (a separate
 // instantiation: the extra index arithmetic cost the 128 x 256 kernels an 8-byte spill).
+// kFoldRows > 0: folded last tiles (consume_folded), single CTAs with TMA stores; map_xf is X in
+// boxes of kFoldRows rows (unused otherwise).
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
-          int kTmaRounds = 0>
+          int kTmaRounds = 0, int kFoldRows = 0>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
-                              const __grid_constant__ CUtensorMap map_y, const Args a) {
+                              const __grid_constant__ CUtensorMap map_y, const __grid_constant__ CUtensorMap map_xf,
+                              const Args a) {
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = BN * kBlockK;
   constexpr uint32_t kStageBytes = (kTileA + kTileB) * 2;
@@ -653,7 +724,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t *smem = sm90::align_smem_1024(smem_raw);
   __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *sb = sa + kStages * kTileA;
-  uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][64][256 B]
+  __nv_bfloat16 *sf = sb + kStages * kTileB;  // [kStages][kFoldRows][64]: the fold boxes
+  uint8_t *staging = reinterpret_cast<uint8_t *>(sf + kStages * kFoldRows * kBlockK);  // [kConsumers][...]
+  static_assert(kFoldRows == 0 || (kFoldRows == 16 && kCluster == 1 && kTmaRounds > 0 && BN == 256 &&
+                                   kEpilogue == MOEKIT_EPILOGUE_STORE),
+                "folded last tiles: single CTAs, 128 x 256 plain bf16 tiles with TMA stores, 16 rows");
   constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
   static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
                                kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
@@ -725,6 +800,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           break;
         }
         const Tile tile = decode_tile(a, kSplitK ? t / splits : t, col_blocks);
+        if (folded_away<kFoldRows>(a, tile)) continue;  // its rows ride with the tile before it
+        const bool fold = folds_next<kFoldRows>(tile.row0, tile.row_end);
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
         const int kb_begin = kSplitK ? (t % splits) * a.kb_per_split : 0;
         const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
@@ -733,7 +810,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // (uniform routing at 128 rows per expert: half the experts end in a tile of ~10 rows), so
         // this drops 1/6 of the bytes such a tile moves from L2.
         const bool second_half = tile.row0 + 64 < tile.row_end;
-        const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2));
+        const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2)) +
+                                     (fold ? (uint32_t)(kFoldRows * kBlockK * 2) : 0u);
         for (int kb = kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           // Published by the arrive below (release), read after the consumers' wait (acquire).
@@ -742,6 +820,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
           if (second_half) {
             sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, &map_x, kb * kBlockK, tile.row0 + 64, &full[stage]);
+          }
+          if (fold) {
+            sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, tile.row0 + kBlockM, &full[stage]);
           }
           if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
             sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
@@ -810,9 +891,26 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
       }
+      // A folding tile runs its k-blocks in consume_folded and writes the folded rows there; its
+      // own 128 rows then take the common epilogue below (one instance of it: a second inlined
+      // copy for the folding tiles grew the kernel by 60% and measured 1-2% slower on cases
+      // without a single fold, BENCHMARKS.md run 32).
+      bool folded = false;
+      if constexpr (kFoldRows > 0) {
+        if (folds_next<kFoldRows>(tile.row0, tile.row_end)) {
+          float acc_fold[kFoldRows];
+          consume_folded<BN, kStages, kFoldRows>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks, consumer,
+                                                 lane, w_half<BN, kEpilogue>((uint32_t)consumer));
+          // The folded rows first: epilogue_swapped waits for earlier TMA stores to have read the
+          // staging buffer, which the tile's own stores (issued last) would make it do at once.
+          epilogue_swapped<kEpilogue, kFoldRows>(a, tile.row0 + kBlockM, tile.row_end, 2 * tile.col_block + consumer,
+                                                 acc_fold, consumer, warp, lane, staging + consumer * kStagingBytes);
+          folded = true;
+        }
+      }
       if constexpr (kSwapSmall) {
         const int rows = tile.row_end - tile.row0;
-        if (a.swap_small > (kPair ? 1 : 0) && tall == 0 && rows > 0 && rows <= a.swap_rows) {
+        if (!folded && a.swap_small > (kPair ? 1 : 0) && tall == 0 && rows > 0 && rows <= a.swap_rows) {
           // A tile of at most 32 rows (the producer loaded X box 0 only; the whole W tile is in the
           // stage, pairs included): both consumers, each on half of the W tile's rows, swapped --
           // consumer 1 would otherwise idle while consumer 0 multiplied 64 rows. Each consumer
@@ -826,7 +924,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      for (int kb = kb_begin; kb < kb_end; ++kb) {
+      for (int kb = kb_begin; kb < (folded ? kb_begin : kb_end); ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         if (active) {
           const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
