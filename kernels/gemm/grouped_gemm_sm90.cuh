@@ -517,6 +517,7 @@ __device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSw
   constexpr int kHalf = kSwappedN != 0 ? kSwappedN / 2 : 32;
   float(&acc0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[0]);
   float(&acc1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[kHalf]);
+  const uint32_t peer_empty = kPair ? sm90::peer_addr(sm90::smem_addr(empty), sm90::cluster_ctarank() ^ 1) : 0u;
   for (int kb = 0; kb < k_blocks; ++kb) {
     sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
     const uint32_t x_base = sm90::smem_addr(sa + stage * kTileA + x_box * 64 * kBlockK);
@@ -544,7 +545,7 @@ __device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSw
     sm90::fence_operands(acc1);
     sm90::release_stage(&empty[stage], lane);
     if constexpr (kPair) {
-      if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+      if (lane == 0) sm90::mbar_arrive_remote(peer_empty + stage * (uint32_t)sizeof(uint64_t));
     }
     if (++stage == kStages) {
       stage = 0;
@@ -846,6 +847,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0;
     uint32_t phase = 0;
     float acc[BN / 2];
+    // Loop invariants of the main loop, computed once: read there, they were recomputed at every
+    // k-block between the stage's barrier and the first WGMMA, where the tensor pipe idles (the
+    // other consumer drains at the same time). This consumer's X half of stage 0, broadcast by a
+    // shuffle so that ptxas keeps it in a register (it rematerialized the thread-index arithmetic
+    // in the folding kernel's loop, an S2R on that path); the peer CTA's empty barriers (pairs),
+    // mapped once (cluster_ctarank and mapa are volatile asm, re-issued wherever written).
+    const uint32_t a_consumer = __shfl_sync(0xffffffffu, sm90::smem_addr(sa + consumer * 64 * kBlockK), 0);
+    const uint32_t peer_empty = kPair ? sm90::peer_addr(sm90::smem_addr(empty), sm90::cluster_ctarank() ^ 1) : 0u;
     while (true) {
       sm90::mbar_wait(&full[stage], phase);
       const int4 info = sm90::read_stage_info(stage_info, stage, lane);
@@ -927,7 +936,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = kb_begin; kb < (folded ? kb_begin : kb_end); ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
         if (active) {
-          const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
+          const uint32_t a_base = a_consumer + stage * kTileA * 2;
           const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
           sm90::wgmma_fence();
 #pragma unroll
@@ -946,7 +955,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::release_stage(&empty[stage], lane);  // every lane's WGMMA reads are complete (the wait above)
         if constexpr (kPair) {
           // The peer's producer may multicast its half of W into this stage too.
-          if (lane == 0) sm90::mbar_arrive_remote(sm90::peer_addr(sm90::smem_addr(&empty[stage]), sm90::cluster_ctarank() ^ 1));
+          if (lane == 0) sm90::mbar_arrive_remote(peer_empty + stage * (uint32_t)sizeof(uint64_t));
         }
         if (++stage == kStages) {
           stage = 0;
