@@ -247,8 +247,11 @@ static int swap_rows() {
 // (-10%), Qwen3 T = 4096 down (256) 202-207 -> 198.5-200 (-2.5%), DeepSeek-V3 T = 16384 down
 // (512) 6352-6588 -> 6375-6576 (+-0.5%), Qwen3 T = 16384 down (1024) 607-616 -> 614-626
 // (+1.1..+1.5%), DeepSeek-V3 T = 16384 balanced (512 each: no fold) 5870-5877 -> 6012-6038; with
-// 520 rows each (T = 16640, every expert folds) 6995-7006 -> 6593-6604 (-5.8%). So: folds when
-// the mean is 96 to 384 rows (at most 3 M tiles). MOEKIT_GEMM_FOLD_SMALL=0 never, 1 by the mean
+// 520 rows each (T = 16640, every expert folds) 6995-7006 -> 6593-6604 (-5.8%). With the main
+// loop's invariants hoisted (d23c46b: that loop had an S2R of the thread index at every k-block
+// in the folding kernel only) the no-fold cost fell to +0.5% (Qwen3 T = 16384 down) and +1.4%
+// (balanced), call 5, but did not vanish. So: folds when the mean is 96 to 384 rows (at most
+// 3 M tiles). MOEKIT_GEMM_FOLD_SMALL=0 never, 1 by the mean
 // (default), 2 always (A/B timing).
 static bool fold_small(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_SMALL", 1);
