@@ -850,9 +850,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Loop invariants of the main loop, computed once: read there, they were recomputed at every
     // k-block between the stage's barrier and the first WGMMA, where the tensor pipe idles (the
     // other consumer drains at the same time). This consumer's X half of stage 0, broadcast by a
-    // shuffle so that ptxas keeps it in a register (it rematerialized the thread-index arithmetic
-    // in the folding kernel's loop, an S2R on that path); the peer CTA's empty barriers (pairs),
-    // mapped once (cluster_ctarank and mapa are volatile asm, re-issued wherever written).
+    // shuffle: with it ptxas keeps the address in a register through the main loop (it had
+    // rematerialized the thread-index arithmetic there in the folding kernel, an S2R on that
+    // path; consume_folded's loop, under more register pressure, still does: the SASS of run 32);
+    // the peer CTA's empty barriers (pairs), mapped once (cluster_ctarank and mapa are volatile
+    // asm, re-issued wherever written).
     const uint32_t a_consumer = __shfl_sync(0xffffffffu, sm90::smem_addr(sa + consumer * 64 * kBlockK), 0);
     const uint32_t peer_empty = kPair ? sm90::peer_addr(sm90::smem_addr(empty), sm90::cluster_ctarank() ^ 1) : 0u;
     while (true) {
