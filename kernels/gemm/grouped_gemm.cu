@@ -250,7 +250,8 @@ static int swap_rows() {
 // (T = 16640, every expert folds) 6995-7006 -> 6593-6604 (-5.8%). Hoisting the main loop's
 // invariants (d23c46b: that loop re-read the thread index at every k-block in the folding kernel
 // only) cut the no-fold cost to +0.5% (Qwen3 T = 16384 down) and +1.4% (balanced), call 5, but
-// not to zero; the shared memory is not it (+6 KB on the plain kernel: no change, call 4). So:
+// not to zero; the shared memory is not it (+6 KB on the plain kernel: no change, call 4), the
+// producer's predicated fold-box load in every k-block is (call 7; BENCHMARKS.md has the fix). So:
 // folds when the mean is 97 to 384 rows (at most 3 M tiles). MOEKIT_GEMM_FOLD_SMALL=0 never,
 // 1 by the mean (default), 2 always (A/B timing).
 static bool fold_small(const moekit_grouped_gemm_params &p) {
