@@ -240,25 +240,22 @@ static int swap_rows() {
 // last M tile of at most 16 rows behind a full one runs inside that full tile instead of as a
 // tile of its own that streams a whole W tile for a few rows. A folded tile costs ~1/4 of a tile
 // (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16 of an m64n256's
-// math), the small tile it replaces ~0.7. But the folding kernel also runs slower than the plain
-// one on tiles that fold nothing, so it pays where folds are many per tile: at few M tiles per
-// expert. Measured (H200, BENCHMARKS.md run 32, us, off -> on, mean rows per expert):
-// DeepSeek-V3 T = 4096 down (128) 2227-2371 -> 1971-2080 (-10%), Qwen3 T = 4096 down (256)
-// 202-207 -> 198.5-200 (-2.5%), DeepSeek-V3 T = 16384 down (512) 6352-6588 -> 6375-6576
-// (+-0.5%), Qwen3 T = 16384 down (1024) 607-616 -> 614-626 (+1.1..+1.5%), DeepSeek-V3
-// T = 16384 balanced (512 each: no fold) 5870-5877 -> 6012-6038; with 520 rows each
-// (T = 16640, every expert folds) 6995-7006 -> 6593-6604 (-5.8%). Hoisting the main loop's
-// invariants (d23c46b: that loop re-read the thread index at every k-block in the folding kernel
-// only) cut the no-fold cost to +0.5% (Qwen3 T = 16384 down) and +1.4% (balanced), call 5, but
-// not to zero; the shared memory is not it (+6 KB on the plain kernel: no change, call 4), the
-// producer's predicated fold-box load in every k-block is (call 7; BENCHMARKS.md has the fix). So:
-// folds when the mean is 97 to 384 rows (at most 3 M tiles). MOEKIT_GEMM_FOLD_SMALL=0 never,
-// 1 by the mean (default), 2 always (A/B timing).
+// math), the small tile it replaces ~0.7. The folding kernel ran 1.4-2.6% slower than the plain
+// one on tiles that fold nothing until its producer got a k-block loop of its own for folding
+// tiles (the fold box's predicated load in every k-block of every tile was the cost, BENCHMARKS.md
+// run 32 call 7); since then (run 33 call 1, H200, us, off -> on, 3 rounds, mean rows per
+// expert): DeepSeek-V3 T = 4096 down (128) 2249-2317 -> 1982-2046 (-12%), Qwen3 T = 4096 down
+// (256) 201.7-202.1 -> 196.4-196.9 (-2.6%), DeepSeek-V3 T = 16384 down (512) 6417-6446 ->
+// 6321-6325 (-1.5%), Qwen3 T = 16384 down (1024) 601.1-603.5 -> 601.7-602.1 (even), the
+// T = 16384 layer 22553-22587 -> 22531-22575; balanced routing, where nothing folds, still
+// +0.5% (T = 16384, 5925-5932 -> 5954-5960) and +1% (T = 4096). So: folds whenever experts
+// average more than 96 rows (below, few experts have a full tile to fold into).
+// MOEKIT_GEMM_FOLD_SMALL=0 never, 1 by the mean (default), 2 always (A/B timing).
 static bool fold_small(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_SMALL", 1);
   if (v == 0 || v == 2) return v == 2;
   const int64_t mean_rows = p.rows / std::max(1, p.num_local);
-  return mean_rows > 96 && mean_rows <= 3 * kBlockM;
+  return mean_rows > 96;
 }
 
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with

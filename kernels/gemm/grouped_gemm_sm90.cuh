@@ -811,31 +811,45 @@ __global__ void __launch_bounds__(kThreads, 1)
         // (uniform routing at 128 rows per expert: half the experts end in a tile of ~10 rows), so
         // this drops 1/6 of the bytes such a tile moves from L2.
         const bool second_half = tile.row0 + 64 < tile.row_end;
-        const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2)) +
-                                     (fold ? (uint32_t)(kFoldRows * kBlockK * 2) : 0u);
-        for (int kb = kb_begin; kb < kb_end; ++kb) {
-          sm90::mbar_wait(&empty[stage], phase ^ 1);
-          // Published by the arrive below (release), read after the consumers' wait (acquire).
-          stage_info[stage] = make_int4(t, tile.row0, tile.row_end, tile.col_block);
-          sm90::mbar_arrive_expect_tx(&full[stage], stage_bytes);
-          sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
-          if (second_half) {
-            sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, &map_x, kb * kBlockK, tile.row0 + 64, &full[stage]);
+        // A folding tile runs its k-blocks in a loop of its own (issue_k_blocks with the fold box):
+        // the fold box's load as a predicate inside the one loop made the producer the bottleneck
+        // on tiles that fold nothing (+2.4% balanced at T = 16384, BENCHMARKS.md run 32 call 7),
+        // with 3 stages the consumers wait on its issue.
+        auto issue_k_blocks = [&](auto with_fold) {
+          constexpr bool kWithFold = decltype(with_fold)::value;
+          const uint32_t stage_bytes = kStageBytes - (second_half ? 0u : (uint32_t)(64 * kBlockK * 2)) +
+                                       (kWithFold ? (uint32_t)(kFoldRows * kBlockK * 2) : 0u);
+          for (int kb = kb_begin; kb < kb_end; ++kb) {
+            sm90::mbar_wait(&empty[stage], phase ^ 1);
+            // Published by the arrive below (release), read after the consumers' wait (acquire).
+            stage_info[stage] = make_int4(t, tile.row0, tile.row_end, tile.col_block);
+            sm90::mbar_arrive_expect_tx(&full[stage], stage_bytes);
+            sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
+            if (second_half) {
+              sm90::tma_load_2d(sa + stage * kTileA + 64 * kBlockK, &map_x, kb * kBlockK, tile.row0 + 64,
+                                &full[stage]);
+            }
+            if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
+              sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+              sm90::tma_load_2d(sb + stage * kTileB + (BN / 2) * kBlockK, &map_w, kb * kBlockK, w_row + a.n / 2,
+                                &full[stage]);
+            } else {
+              sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+            }
+            if constexpr (kWithFold) {
+              sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, tile.row0 + kBlockM,
+                                &full[stage]);
+            }
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
           }
-          if (fold) {
-            sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, tile.row0 + kBlockM, &full[stage]);
-          }
-          if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
-            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
-            sm90::tma_load_2d(sb + stage * kTileB + (BN / 2) * kBlockK, &map_w, kb * kBlockK, w_row + a.n / 2,
-                              &full[stage]);
-          } else {
-            sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
-          }
-          if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-          }
+        };
+        if (kFoldRows > 0 && fold) {
+          issue_k_blocks(std::true_type{});
+        } else {
+          issue_k_blocks(std::false_type{});
         }
       }
     }
