@@ -510,12 +510,13 @@ fn small_tiles_swapped_against_the_cpu() {
 }
 
 /// K = 2048 (single CTAs), plain bf16 outputs (the kernel with TMA stores): an expert's last tile
-/// of at most 16 rows behind a full one is folded into that full tile (the kernel's
-/// consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`): last tiles of 1, 15 and 16 rows behind one
-/// full tile (129, 143, 144), 16 behind two and three (272, 400), 5 behind 25 in the last of two
-/// bands (3205), beside ones that are not folded: 17 rows behind a full tile (145), no ragged
-/// tile (256), lone tiles of 16, 8 and 1 rows, empty experts (which also bring the mean rows per
-/// expert to 363-370, where the kernel folds by default). Four column blocks and two and a half
+/// of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded into that
+/// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`): last tiles of 1,
+/// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 5
+/// behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160), beside ones that
+/// are not folded: 33 rows behind a full tile (161), no ragged tile (256), lone tiles of 16, 8
+/// and 1 rows, empty experts (the mean rows per expert stays above 96, where the kernel folds by
+/// default). Four column blocks and two and a half
 /// (N = 640: the fold's second 128 columns of the last block lie past N), segments packed and
 /// padded to 8 rows (the fold box then reads padding rows), against the CPU with poisoned outputs.
 #[test]
@@ -524,7 +525,9 @@ fn folded_last_tiles_against_the_cpu() {
         return;
     };
     let seed = fresh_seed();
-    let sizes = [129usize, 143, 144, 272, 400, 3205, 145, 256, 16, 8, 0, 1, 0];
+    let sizes = [
+        129usize, 143, 144, 272, 400, 3205, 145, 160, 161, 256, 16, 8, 0, 1, 0,
+    ];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());
     for (n, align) in [(1024, 1), (640, 8)] {

@@ -258,6 +258,18 @@ static bool fold_small(const moekit_grouped_gemm_params &p) {
   return mean_rows > 96;
 }
 
+// The most rows a folded last tile holds: 16 (two m64n16 per 16-deep slice) or 32 (m64n32, the
+// swapped small tiles' shape, so no new WGMMA shape in the kernel: tails of 17-32 rows then fold
+// too, ~16% of the experts at 512 rows each; 4 KB of shared memory more, 220 KB in all; a 4-byte
+// spill outside the loops). Measured (H200, BENCHMARKS.md run 33 call 3, 3 rounds interleaved,
+// us, 16 -> 32): DeepSeek-V3 T = 4096 down 2070-2136 -> 2024-2112, T = 16384 down 6494-6531 ->
+// 6487-6502, Qwen3 T = 16384 down 624.4-625.6 -> 621.5-622.1, the DeepSeek-V3 T = 4096 layer
+// 7224-7257 -> 7182-7221; Qwen3 T = 4096 down even. MOEKIT_GEMM_FOLD_ROWS=16/32 (A/B timing).
+static int fold_rows() {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_ROWS", 32);
+  return v == 16 ? 16 : 32;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -339,7 +351,9 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
         }
         if constexpr (!kSwiglu) {
           if (fold_small(p)) {
-            const moekit_status folded = run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
+            const moekit_status folded = fold_rows() == 32
+                                             ? run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream)
+                                             : run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
             if (folded != MOEKIT_ERR_UNSUPPORTED) return folded;
           }
         }

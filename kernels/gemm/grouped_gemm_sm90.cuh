@@ -641,8 +641,9 @@ __device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, i
 // streamed a whole W tile from L2 for a few rows and cost ~70% of a full tile's time (W-load-bound:
 // balanced routing with 8 more rows per expert took the DeepSeek-V3 T = 16384 down projection from
 // 6000 to 6909 us with the small tiles swapped, BENCHMARKS.md run 31 call 7); folded, it is two
-// swapped m64n16 WGMMAs per 16-deep slice beside each consumer's m64n256 (+1/8 of the math) on
-// the W tile already in the stage, and one 16-row X box (2 KB) more per stage.
+// swapped m64nF WGMMAs per 16-deep slice beside each consumer's m64n256 (F = kFoldRows, 16 or 32:
+// +1/8 or +1/4 of the math) on the W tile already in the stage, and one F-row X box (2 or 4 KB)
+// more per stage.
 //   - decode: the producer skips the small tile (folded_away) and loads its rows as the fold box
 //     of the full tile before it; both sides tell a folding tile by its row range alone
 //     (folds_next): 128 < row_end - row0 <= 128 + kFoldRows holds exactly for the full tile
@@ -659,7 +660,7 @@ __device__ __forceinline__ bool folded_away(const Args &a, const Tile &tile) {
 }
 
 // The k-blocks of a folding tile: the consumer's m64n256 over its X half and, in the same
-// k16 slices, the fold box's rows swapped against the two 64-row W slices of w (one m64n16
+// k16 slices, the fold box's rows swapped against the two 64-row W slices of w (one m64nF
 // each). One loop of its own with its own accumulators: ptxas keeps one gsb0 per loop (a second
 // WGMMA shape under a branch of the main loop serialized every WGMMA, BENCHMARKS.md run 25).
 template <int BN, int kStages, int kFoldRows>
@@ -727,9 +728,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16 *sb = sa + kStages * kTileA;
   __nv_bfloat16 *sf = sb + kStages * kTileB;  // [kStages][kFoldRows][64]: the fold boxes
   uint8_t *staging = reinterpret_cast<uint8_t *>(sf + kStages * kFoldRows * kBlockK);  // [kConsumers][...]
-  static_assert(kFoldRows == 0 || (kFoldRows == 16 && kCluster == 1 && kTmaRounds > 0 && BN == 256 &&
-                                   kEpilogue == MOEKIT_EPILOGUE_STORE),
-                "folded last tiles: single CTAs, 128 x 256 plain bf16 tiles with TMA stores, 16 rows");
+  static_assert(kFoldRows == 0 || ((kFoldRows == 16 || kFoldRows == 32) && kCluster == 1 && kTmaRounds > 0 &&
+                                   BN == 256 && kEpilogue == MOEKIT_EPILOGUE_STORE),
+                "folded last tiles: single CTAs, 128 x 256 plain bf16 tiles with TMA stores, 16 or 32 rows");
   constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
   static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
                                kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
