@@ -237,10 +237,10 @@ static int swap_rows() {
 
 // Folded last tiles in the single-CTA plain bf16 kernel with TMA stores (K < 4096: the
 // DeepSeek-V3 and Qwen3 down projections; grouped_gemm_sm90.cuh's consume_folded): an expert's
-// last M tile of at most 16 rows behind a full one runs inside that full tile instead of as a
-// tile of its own that streams a whole W tile for a few rows. A folded tile costs ~1/4 of a tile
-// (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16 of an m64n256's
-// math), the small tile it replaces ~0.7. The folding kernel ran 1.4-2.6% slower than the plain
+// last M tile of at most fold_rows() rows behind a full one runs inside that full tile instead of
+// as a tile of its own that streams a whole W tile for a few rows. A folded tile of 16 rows costs
+// ~1/4 of a tile (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16
+// of an m64n256's math), the small tile it replaces ~0.7. The measurements below fold 16 rows. The folding kernel ran 1.4-2.6% slower than the plain
 // one on tiles that fold nothing until its producer got a k-block loop of its own for folding
 // tiles (the fold box's predicated load in every k-block of every tile was the cost, BENCHMARKS.md
 // run 32 call 7); since then (run 33 call 1, H200, us, off -> on, 3 rounds, mean rows per
