@@ -19,4 +19,5 @@ for c in "$@"; do
   ncu -i "$o/$n.ncu-rep" --page source --print-source sass --csv >"$o/sass-$n.csv" 2>&1
   tar czf "$final/ncu-gemm.tgz" -C "$o" --exclude '*.ncu-rep' .
 done
+# Summaries: scripts/ncu_stalls.py $o/sass-CASE.csv [TOP] [--regions] (per instruction and per region).
 grep -h -E "Duration|Executed Ipc A|Issue Slots Busy|SM Frequency|Compute \(SM\) Throughput|L2 Cache Throughput|DRAM Throughput" "$o"/details-*.txt
