@@ -364,7 +364,9 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // number of stages per item. Rank 0 claims items from the global counter and hands each to rank 1
 // through a two-slot mailbox. (The X-multicast cluster of run 19 cut 17% of the L2 bytes and
 // measured -0.5..+6%; this one cuts a third and takes 8-9% off the DeepSeek-V3 gate+up at
-// T = 4096, BENCHMARKS.md run 24.)
+// T = 4096, BENCHMARKS.md run 24. Multicasting X between the ranks of a pair whose tiles hold
+// the same rows in different column blocks measured even to +2.7%, run 33 call 9: a stage that
+// waits on the peer's box costs more than the L2 bytes it saves.)
 //
 // kTall (a.tall_pairs > 0): a pair of an expert's full M tile (rank 0) and its next and last M
 // tile of at most 64 rows (rank 1) in one column block runs as a tall pair. Each rank loads the
