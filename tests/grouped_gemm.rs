@@ -469,9 +469,9 @@ fn tail_pairs_against_the_oracle() {
 /// rows; the kernel's produce_pairs; a last tile of at most 16 rows runs swapped, W on the WGMMA's
 /// M side). Sizes: one full tile + 1, + 22 and + 64 rows (129, 150, 192), three full tiles + 64
 /// and + 16 (448, 400), beside a lone tile (64), an empty expert and one row: 129 and 400 run
-/// swapped (unless `MOEKIT_GEMM_TALL_PAIRS` says otherwise), 150, 192 and 448 not. Plain (4 and 3 column blocks) and SwiGLU bf16 outputs against the oracle, then
-/// row-scaled bf16 and plain and SwiGLU f32 outputs (the staged epilogue) against the CPU, with
-/// poisoned outputs.
+/// swapped (unless `MOEKIT_GEMM_TALL_PAIRS` says otherwise), 150, 192 and 448 not. Plain (4 and 3
+/// column blocks) and SwiGLU bf16 outputs against the oracle, then row-scaled bf16 and plain and
+/// SwiGLU f32 outputs (the staged epilogue) against the CPU, with poisoned outputs.
 #[test]
 fn tall_pairs_against_the_oracle() {
     let Some(ctx) = gpu("tall_pairs_against_the_oracle") else {
@@ -516,9 +516,9 @@ fn small_tiles_swapped_against_the_cpu() {
 /// behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160), beside ones that
 /// are not folded: 33 rows behind a full tile (161), no ragged tile (256), lone tiles of 16, 8
 /// and 1 rows, empty experts (the mean rows per expert stays above 96, where the kernel folds by
-/// default). Four column blocks and two and a half
-/// (N = 640: the fold's second 128 columns of the last block lie past N), segments packed and
-/// padded to 8 rows (the fold box then reads padding rows), against the CPU with poisoned outputs.
+/// default). Four column blocks and two and a half (N = 640: the fold's second 128 columns of the
+/// last block lie past N), segments packed and padded to 8 rows (the fold box then reads padding
+/// rows), against the CPU with poisoned outputs.
 #[test]
 fn folded_last_tiles_against_the_cpu() {
     let Some(ctx) = gpu("folded_last_tiles_against_the_cpu") else {

@@ -240,10 +240,10 @@ static int swap_rows() {
 // last M tile of at most fold_rows() rows behind a full one runs inside that full tile instead of
 // as a tile of its own that streams a whole W tile for a few rows. A folded tile of 16 rows costs
 // ~1/4 of a tile (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16
-// of an m64n256's math), the small tile it replaces ~0.7. The measurements below fold 16 rows. The folding kernel ran 1.4-2.6% slower than the plain
-// one on tiles that fold nothing until its producer got a k-block loop of its own for folding
-// tiles (the fold box's predicated load in every k-block of every tile was the cost, BENCHMARKS.md
-// run 32 call 7); since then (run 33 call 1, H200, us, off -> on, 3 rounds, mean rows per
+// of an m64n256's math), the small tile it replaces ~0.7. The measurements below fold 16 rows.
+// The folding kernel ran 1.4-2.6% slower than the plain one on tiles that fold nothing until its
+// producer got a k-block loop of its own for folding tiles (the fold box's predicated load in
+// every k-block of every tile was the cost, BENCHMARKS.md run 32 call 7); since then (run 33 call 1, H200, us, off -> on, 3 rounds, mean rows per
 // expert): DeepSeek-V3 T = 4096 down (128) 2249-2317 -> 1982-2046 (-12%), Qwen3 T = 4096 down
 // (256) 201.7-202.1 -> 196.4-196.9 (-2.6%), DeepSeek-V3 T = 16384 down (512) 6417-6446 ->
 // 6321-6325 (-1.5%), Qwen3 T = 16384 down (1024) 601.1-603.5 -> 601.7-602.1 (even), the

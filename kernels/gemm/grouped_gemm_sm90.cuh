@@ -496,7 +496,7 @@ __device__ __forceinline__ void wgmma_swapped(float (&acc)[N / 2], uint64_t desc
 }
 
 // The k-blocks of a consumer that multiplies one 64-row X box of the stage (x_box) by two slices
-// of the W tile, at byte offsets b_off0 and b_off1 of the stage, into acc's two halves; then the
+// of the W tile, at byte offsets w.off0 and w.off1 of the stage, into acc's two halves; then the
 // stage is freed (in both CTAs for pairs). Used by a tall pair's last-tile consumer
 // (produce_pairs: X box 1, this rank's half of the output columns) and by single CTAs' small tiles
 // (X box 0, each consumer half of the W tile's rows).
@@ -512,8 +512,7 @@ __device__ __forceinline__ void wgmma_swapped(float (&acc)[N / 2], uint64_t desc
 template <int BN, int kStages, bool kPair, int kSwappedN>
 __device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSwappedN : 64], const __nv_bfloat16 *sa,
                                                const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty, int &stage,
-                                               uint32_t &phase, int k_blocks, int x_box, int lane, uint32_t b_off0,
-                                               uint32_t b_off1) {
+                                               uint32_t &phase, int k_blocks, int x_box, int lane, WHalf w) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
   constexpr int kHalf = kSwappedN != 0 ? kSwappedN / 2 : 32;
@@ -529,8 +528,8 @@ __device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSw
     for (int kk = 0; kk < kBlockK / 16; ++kk) {
       const uint32_t scale_d = (kb > 0 || kk > 0) ? 1u : 0u;
       const uint64_t dx = sm90::desc_k_major_sw128(x_base + kk * 32);
-      const uint64_t dw0 = sm90::desc_k_major_sw128(w_base + b_off0 + kk * 32);
-      const uint64_t dw1 = sm90::desc_k_major_sw128(w_base + b_off1 + kk * 32);
+      const uint64_t dw0 = sm90::desc_k_major_sw128(w_base + w.off0 + kk * 32);
+      const uint64_t dw1 = sm90::desc_k_major_sw128(w_base + w.off1 + kk * 32);
       if constexpr (kSwappedN != 0) {
         wgmma_swapped<kSwappedN>(acc0, dw0, dx, scale_d);
         wgmma_swapped<kSwappedN>(acc1, dw1, dx, scale_d);
@@ -621,17 +620,16 @@ template <int BN, int kStages, bool kPair, int kEpilogue>
 __device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, int row_end, int col_block,
                                             const __nv_bfloat16 *sa, const __nv_bfloat16 *sb, uint64_t *full,
                                             uint64_t *empty, int &stage, uint32_t &phase, int k_blocks, int x_box,
-                                            int consumer, int warp, int lane, uint32_t off0, uint32_t off1,
-                                            uint8_t *buf) {
+                                            int consumer, int warp, int lane, WHalf w, uint8_t *buf) {
   if (rows <= 16) {
     float acc[16];
-    consume_narrow<BN, kStages, kPair, 16>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, off0, off1);
+    consume_narrow<BN, kStages, kPair, 16>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, w);
     epilogue_swapped<kEpilogue, 16>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
     return true;
   }
   if (!kPair && rows <= a.swap_rows) {
     float acc[32];
-    consume_narrow<BN, kStages, kPair, 32>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, off0, off1);
+    consume_narrow<BN, kStages, kPair, 32>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, w);
     epilogue_swapped<kEpilogue, 32>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
     return true;
   }
@@ -849,7 +847,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         };
-        if (kFoldRows > 0 && fold) {
+        if (fold) {
           issue_k_blocks(std::true_type{});
         } else {
           issue_k_blocks(std::false_type{});
@@ -902,17 +900,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tall != 0 && consumer == 1) {
           // The W rows of this rank's half of the output columns.
           const WHalf w = w_half<BN, kEpilogue>((uint32_t)(tall - 1));
-          const uint32_t off0 = w.off0, off1 = w.off1;
           if (a.tall_pairs == 2 &&
               run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
                                                         tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,
-                                                        consumer, warp, lane, off0, off1,
-                                                        staging + consumer * kStagingBytes)) {
+                                                        consumer, warp, lane, w, staging + consumer * kStagingBytes)) {
             continue;
           }
           float acc_half[64];
-          consume_narrow<BN, kStages, true, 0>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, 1, lane, off0,
-                                               off1);
+          consume_narrow<BN, kStages, true, 0>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, 1, lane, w);
           // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
           epilogue_tma<128, kEpilogue, 1>(a, &map_y, tile, acc_half, consumer, warp, lane,
                                           staging + consumer * kStagingBytes);
@@ -943,11 +938,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           // stage, pairs included): both consumers, each on half of the W tile's rows, swapped --
           // consumer 1 would otherwise idle while consumer 0 multiplied 64 rows. Each consumer
           // writes an output block of a 128-wide tile. (A pair rank without a tile has no rows.)
-          const WHalf w = w_half<BN, kEpilogue>((uint32_t)consumer);
-          const uint32_t off0 = w.off0, off1 = w.off1;
           if (run_swapped<BN, kStages, kPair, kEpilogue>(a, rows, tile.row0, tile.row_end, 2 * tile.col_block + consumer,
                                                          sa, sb, full, empty, stage, phase, k_blocks, 0, consumer, warp,
-                                                         lane, off0, off1, staging + consumer * kStagingBytes)) {
+                                                         lane, w_half<BN, kEpilogue>((uint32_t)consumer),
+                                                         staging + consumer * kStagingBytes)) {
             continue;
           }
         }
