@@ -667,7 +667,7 @@ template <int BN, int kStages, int kFoldRows>
 __device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc_fold)[kFoldRows],
                                                const __nv_bfloat16 *sa, const __nv_bfloat16 *sb,
                                                const __nv_bfloat16 *sf, uint64_t *full, uint64_t *empty, int &stage,
-                                               uint32_t &phase, int k_blocks, int consumer, int lane, WHalf w) {
+                                               uint32_t &phase, int k_blocks, uint32_t a_consumer, int lane, WHalf w) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
   constexpr int kTileF = kFoldRows * kBlockK;
@@ -676,7 +676,7 @@ __device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc
   float(&fold1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc_fold[kHalf]);
   for (int kb = 0; kb < k_blocks; ++kb) {
     sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
-    const uint32_t a_base = sm90::smem_addr(sa + stage * kTileA + consumer * 64 * kBlockK);
+    const uint32_t a_base = a_consumer + stage * kTileA * 2;
     const uint32_t b_base = sm90::smem_addr(sb + stage * kTileB);
     const uint32_t f_base = sm90::smem_addr(sf + stage * kTileF);
     sm90::wgmma_fence();
@@ -867,7 +867,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // other consumer drains at the same time). This consumer's X half of stage 0, broadcast by a
     // shuffle: with it ptxas keeps the address in a register through the main loop (it had
     // rematerialized the thread-index arithmetic there in the folding kernel, an S2R on that
-    // path; consume_folded's loop, under more register pressure, still does: the SASS of run 32);
+    // path; consume_folded's loop takes the same register since run 34, which drops the S2R it
+    // had kept there);
     // the peer CTA's empty barriers (pairs), mapped once (cluster_ctarank and mapa are volatile
     // asm, re-issued wherever written).
     const uint32_t a_consumer = __shfl_sync(0xffffffffu, sm90::smem_addr(sa + consumer * 64 * kBlockK), 0);
@@ -922,8 +923,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kFoldRows > 0) {
         if (folds_next<kFoldRows>(tile.row0, tile.row_end)) {
           float acc_fold[kFoldRows];
-          consume_folded<BN, kStages, kFoldRows>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks, consumer,
-                                                 lane, w_half<BN, kEpilogue>((uint32_t)consumer));
+          consume_folded<BN, kStages, kFoldRows>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks,
+                                                 a_consumer, lane, w_half<BN, kEpilogue>((uint32_t)consumer));
           // The folded rows first: epilogue_swapped waits for earlier TMA stores to have read the
           // staging buffer, which the tile's own stores (issued last) would make it do at once.
           epilogue_swapped<kEpilogue, kFoldRows>(a, tile.row0 + kBlockM, tile.row_end, 2 * tile.col_block + consumer,

@@ -176,11 +176,12 @@ static bool wgmma_supports(const moekit_mla_decompress_params &p) {
          p.tile_counter != nullptr;
 }
 
-template <int kStages, int kStagingBufs, bool kTmaA>
+template <int kStages, int kStagingBufs, bool kTmaA, bool kDrainEach = false, bool kKpeTma = false>
 static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &map_a, const CUtensorMap &map_k,
-                                  const CUtensorMap &map_v, const Args &a, int grid, moekit_stream stream) {
-  constexpr size_t smem = smem_bytes<kStages, kStagingBufs>();
-  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA>;
+                                  const CUtensorMap &map_v, const CUtensorMap &map_kpe_in,
+                                  const CUtensorMap &map_kpe_out, const Args &a, int grid, moekit_stream stream) {
+  constexpr size_t smem = smem_bytes<kStages, kStagingBufs, kKpeTma>();
+  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA, kDrainEach, kKpeTma>;
   // The kernel's setmaxnreg split assumes the CTA's register pool of its launch bounds (384 x 168,
   // asserted at compile time); ptxas allocating fewer would make setmaxnreg.inc wait forever.
   static const int registers = [kernel] {
@@ -189,7 +190,8 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
   }();
   if (registers < sm90::launch_bound_registers(kThreads)) return MOEKIT_ERR_UNSUPPORTED;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
-  MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_a, map_k, map_v, a));
+  MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_a, map_k, map_v, map_kpe_in,
+                              map_kpe_out, a));
   return MOEKIT_OK;
 }
 
@@ -238,6 +240,10 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   a.rank = p.rank;
   a.d_rope = p.d_rope;
   a.source_from_previous_grid = pregathered ? 1 : 0;
+  // MOEKIT_MLA_GROUP=n sets the tile order's group of M tiles (decompress_sm90.cuh's kGroupM has
+  // the measurements; 16 and 64 measured within noise of 32 in BENCHMARKS.md run 34 call 2).
+  static const int group_m = env_switch("MOEKIT_MLA_GROUP", kGroupM);
+  a.group_m = group_m > 0 ? group_m : kGroupM;
 
   const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));
@@ -249,20 +255,45 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
       !make_bf16_head_block_store_map(&map_v, p.v, p.tokens, p.heads, p.v_head_stride, p.v_token_stride, 64)) {
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  // 4 stages and one staging buffer (two 8 KB box slots) per consumer warpgroup (each box waits
-  // for the TMA store two boxes back to have read its slot). 3 stages with a buffer per pass (no
-  // wait within a tile) measured the same on the H200 at T = 8192 (513 vs 513 us), 5% slower at
-  // T = 1024 and 0-12% faster at T = 32768 across two runs: within the run-to-run spread, so the
-  // deeper ring stays.
   // A contiguous latent (a paged one gathered above) arrives by TMA (rows past num_rows read as
   // zeros, as source_row says); a paged one without the gather buffer is gathered by the kernel
   // itself (decompress_sm90.cuh, kTmaA, has the measurements).
+  //
+  // The contiguous configuration: 3 stages and two staging buffers per consumer (all four boxes
+  // of a tile staged without waiting on a store), each k-block's WGMMAs drained before its stage
+  // is freed, and k_pe moved by TMA through a 16 KB box (where d_rope = 64 and the maps take the
+  // caller's pointers) instead of by the producer's 96 idle threads. The dense GEMM of the same
+  // FLOPs through the grouped kernel (its 3 stages, whole-tile staging, drained k-blocks) ran
+  // 655 TFLOP/s at T = 32768 where this kernel ran 574 (BENCHMARKS.md run 34 call 1), and with its
+  // k_pe stores removed (a diagnostic build) this kernel ran 3.5% faster at T = 8192. Measured
+  // (H200, run 34 call 3, 4 rounds interleaved, us; the old 4 stages / wait<1> / copier threads
+  // -> this): T = 8192 427.0-428.1 -> 415.8-417.1 (-2.6%), paged 431.6-433.3 -> 420.2-422.4,
+  // H = 16 63.1-64.6 -> 61.7-63.4, T = 1024 61.8-62.1 -> 61.9-62.5 (even), paged even,
+  // T = 32768 1715-1910 -> 1661-1808 (power state). Each part alone: 3 stages + drain (copier
+  // threads) 423.9-424.6 at T = 8192; 3 stages + TMA k_pe (wait<1>) 427.6-428.4. (Run 19 had
+  // measured 3 stages with a buffer per pass the same as 4 stages at T = 8192.)
+  // MOEKIT_MLA_STAGES=4 runs the old configuration, MOEKIT_MLA_KPE_TMA=0 the copier threads with
+  // the new one (A/B timing).
   CUtensorMap map_a;
   if (p.block_table == nullptr && p.num_rows >= 1 &&
       make_bf16_sw128_map(&map_a, p.latent, p.num_rows, p.rank, kBlockM, p.latent_stride)) {
-    return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, a, grid, stream);
+    static const int stages = env_switch("MOEKIT_MLA_STAGES", 3);
+    static const int kpe_tma = env_switch("MOEKIT_MLA_KPE_TMA", 1);
+    if (stages == 4) return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
+    // k_pe by TMA: boxes of [128 rows][64 columns] over the source's k_pe columns, stored to
+    // K[t, h, 128:192].
+    CUtensorMap map_kpe_in, map_kpe_out;
+    if (kpe_tma != 0 && p.d_rope == 64 &&
+        make_bf16_sw128_map(&map_kpe_in, p.k_pe, p.num_rows, 64, kBlockM, p.k_pe_stride) &&
+        make_bf16_head_block_store_map(&map_kpe_out, static_cast<__nv_bfloat16 *>(p.k) + kHeadDim, p.tokens, p.heads,
+                                       p.k_head_stride, p.k_token_stride, kBlockM, 64)) {
+      return launch_wgmma<3, 2, true, true, true>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a, grid,
+                                                  stream);
+    }
+    return launch_wgmma<3, 2, true, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
   }
-  return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, a, grid, stream);
+  // The in-kernel gather (paged caches without the gather buffer): 4 stages, its copier threads.
+  return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, map_w, map_w, a, grid, stream);
 }
 
 static moekit_status run_oracle(const moekit_mla_decompress_params &p, moekit_stream stream) {

@@ -24,7 +24,8 @@
 //                    all 128 threads gather the A tile with 16-byte cp.async (8
 //                    lanes per token row) into the same 128-byte swizzle TMA uses, and copies
 //                    the same rows' k_pe to K[t, h, 128:128+d_rope]; with a contiguous latent,
-//                    warps 1..3 (otherwise idle) copy each tile's k_pe;
+//                    thread 32 moves each tile's k_pe by TMA through a 16 KB box (kKpeTma), or
+//                    warps 1..3 (otherwise idle) copy it;
 //   warpgroups 1, 2  each owns 64 token rows and runs m64n256k16 WGMMAs, then stages its
 //                    columns in four 64-column boxes
 //                    in shared memory, each handed to a TMA store to K[t, h, 0:128] or V[t, h, :]
@@ -85,6 +86,8 @@ struct Args {
   // Whether the latent and k_pe are written by the grid this kernel depends on (a paged cache's
   // gather): then the first tile's A loads wait for it; otherwise they are issued before the wait.
   int source_from_previous_grid;
+  // M tiles per group of the tile order (decode_tile); decompress.cu's group_m_tiles says how many.
+  int group_m;
 };
 
 // The source row of token t, or -1 for a zero row.
@@ -99,25 +102,30 @@ struct Tile {
   int head;
 };
 
-__device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads) {
-  const int group = t / (kGroupM * heads);
-  const int first = group * kGroupM;
-  const int rows = min(kGroupM, m_tiles - first);
-  const int local = t - group * kGroupM * heads;
+__device__ __forceinline__ Tile decode_tile(int t, int m_tiles, int heads, int group_m) {
+  const int group = t / (group_m * heads);
+  const int first = group * group_m;
+  const int rows = min(group_m, m_tiles - first);
+  const int local = t - group * group_m * heads;
   return Tile{(first + local % rows) * kBlockM, local / rows};
 }
 
 // Per consumer warpgroup: kStagingBufs staging buffers of 64 rows x 128 columns bf16 (16 KB).
 constexpr int kStagingBytes = 64 * kHeadDim * 2;
-template <int kStages, int kStagingBufs>
+// kKpeTma: one more 16 KB box, [128 rows][64 k_pe columns] in the 128-byte swizzle, through which
+// the producer's copier thread moves each tile's k_pe by TMA (decompress_wgmma_kernel).
+constexpr int kKpeBoxBytes = kBlockM * 64 * 2;
+template <int kStages, int kStagingBufs, bool kKpeTma = false>
 constexpr size_t smem_bytes() {
   // 231,568 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
   return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * kStagingBufs * kStagingBytes +
+         (kKpeTma ? (size_t)kKpeBoxBytes : 0) + sizeof(uint64_t) +
          (2 * kStages + 4) * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
          2 * kBlockM * sizeof(int32_t) + 2 * sizeof(int32_t) + 1024;
 }
 static_assert(smem_bytes<4, 1>() <= 232448, "over the 227 KB of shared memory a block may use");
 static_assert(smem_bytes<3, 2>() <= 232448, "over the 227 KB of shared memory a block may use");
+static_assert(smem_bytes<3, 2, true>() <= 232448, "over the 227 KB of shared memory a block may use");
 
 // The staging of the TMA-store epilogue: accumulator columns [first, first + 64) as bf16 in one box
 // of 64 rows x 64 columns (128 bytes per row), 16-byte chunk c of row r at chunk c ^ (r % 8): the
@@ -149,11 +157,13 @@ __device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBloc
 // cp.async for the rest (533 us) were slower (branch next/mla-paged-tma). Since run 23 a paged
 // source is gathered once by its own kernel and read here by TMA (452 us at T = 8192 against
 // 471 gathered here); this path remains for callers without the gather buffer.
-template <int kStages, int kStagingBufs, bool kTmaA>
+template <int kStages, int kStagingBufs, bool kTmaA, bool kDrainEach = false, bool kKpeTma = false>
 __global__ void __launch_bounds__(kThreads, 1)
     decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_a,
                             const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                            const Args a) {
+                            const __grid_constant__ CUtensorMap map_kpe_in,
+                            const __grid_constant__ CUtensorMap map_kpe_out, const Args a) {
+  static_assert(!kKpeTma || kTmaA, "k_pe by TMA: contiguous sources only");
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
@@ -166,7 +176,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16 *sa = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *sb = sa + kStages * kTileA;
   uint8_t *staging = reinterpret_cast<uint8_t *>(sb + kStages * kTileB);  // [kConsumers][kStagingBufs][16 KB]
-  uint64_t *full = reinterpret_cast<uint64_t *>(staging + kConsumers * kStagingBufs * kStagingBytes);
+  // kKpeTma: the k_pe box, 1024-byte aligned as the 128-byte swizzle needs (the stages and the
+  // staging are whole KB).
+  uint8_t *kpe_box = staging + kConsumers * kStagingBufs * kStagingBytes;
+  uint64_t *full = reinterpret_cast<uint64_t *>(kpe_box + (kKpeTma ? kKpeBoxBytes : 0));
   uint64_t *empty = full + kStages;
   // kTmaA: thread 0 hands each claimed tile to the producer's k_pe copiers (warps 1..3) through a
   // two-slot mailbox: kpe_full[i] (its arrival), kpe_empty[i] (lane 0 of each copier warp).
@@ -174,7 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t *kpe_empty = kpe_full + 2;
   // The tile of each stage as its first token (-1 = stop) and head, decoded once by the producer:
   // the consumers' two integer divisions per tile were 6% of their stall samples (ncu, T = 8192).
-  int32_t *stage_m0 = reinterpret_cast<int32_t *>(kpe_empty + 2);
+  uint64_t *kpe_loaded = kpe_empty + 2;  // kKpeTma: the k_pe box's load has landed
+  int32_t *stage_m0 = reinterpret_cast<int32_t *>(kpe_loaded + 1);
   int32_t *stage_head = stage_m0 + kStages;
   int32_t *claimed = stage_head + kStages;  // [2] the producer's claimed tile, double-buffered
   int32_t *row_index = claimed + 2;  // [2][128] source row of each tile row (-1: zeros), double-buffered
@@ -193,6 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbar_init(&kpe_full[i], 1);
       sm90::mbar_init(&kpe_empty[i], 3);
     }
+    if constexpr (kKpeTma) sm90::mbar_init(kpe_loaded, 1);
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -237,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::mbar_arrive(&full[stage]);
             break;
           }
-          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          const Tile tile = decode_tile(t, m_tiles, a.heads, a.group_m);
           const int w_row = tile.head * kBlockN;
           // Before the wait (first tile only), the first ring's worth of k-blocks: their W tiles
           // now, and their A tiles too unless the previous grid writes the source (then after the
@@ -282,6 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int q = p - 32;
         const int lane = p % 32;
         const int rope_chunks = a.d_rope / 8;
+        if (kKpeTma && p == 32) sm90::tma_prefetch_descriptor(&map_kpe_in);
         for (uint32_t n = 0;; ++n) {
           const uint32_t slot = n & 1, parity = (n >> 1) & 1;
           sm90::mbar_wait(&kpe_full[slot], parity);
@@ -289,7 +305,22 @@ __global__ void __launch_bounds__(kThreads, 1)
           __syncwarp();
           if (lane == 0) sm90::mbar_arrive(&kpe_empty[slot]);
           if (t < 0) break;
-          const Tile tile = decode_tile(t, m_tiles, a.heads);
+          const Tile tile = decode_tile(t, m_tiles, a.heads, a.group_m);
+          if constexpr (kKpeTma) {
+            // One thread moves the tile's k_pe through the box: a TMA load of its 128 rows (rows
+            // past the source read as zeros), then a TMA store to K[t, h, 128:192] (rows past the
+            // tokens are not written). The copy engine, not 96 threads' loads and stores, carries
+            // the 16 KB per tile. The box is reloaded only once the previous store has read it.
+            if (p == 32) {
+              sm90::bulk_wait_group_read<0>();
+              sm90::mbar_arrive_expect_tx(kpe_loaded, kKpeBoxBytes);
+              sm90::tma_load_2d(kpe_box, &map_kpe_in, 0, tile.m0, kpe_loaded);
+              sm90::mbar_wait(kpe_loaded, n & 1);
+              sm90::tma_store_3d(&map_kpe_out, kpe_box, 0, tile.head, tile.m0);
+              sm90::bulk_commit_group();
+            }
+            continue;
+          }
           __nv_bfloat16 *k_tile =
               a.k + (int64_t)tile.m0 * a.k_token_stride + (int64_t)tile.head * a.k_head_stride + kHeadDim;
           for (int job0 = q; job0 < kBlockM * 8; job0 += 96 * 4) {
@@ -312,6 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
+        // The box lives until the last store has read it, and the stores are done before the grid.
+        if (kKpeTma && p == 32) sm90::bulk_wait_group<0>();
       }
     } else {
       // A gathered latent: every producer thread copies its share of the A tile.
@@ -332,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm90::cp_async_wait_all();  // no copy may outlive its thread
           break;
         }
-        const Tile tile = decode_tile(t, m_tiles, a.heads);
+        const Tile tile = decode_tile(t, m_tiles, a.heads, a.group_m);
         // Each thread resolves one token's source row for the whole tile (-1: a zero row past the
         // tokens or an unmapped slot); the copies then read the table, double-buffered like the claim.
         int32_t *rows = row_index + (iter & 1) * kBlockM;
@@ -437,10 +470,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row0 = tile.m0 + consumer * 64;
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
-      // Each k-block's WGMMAs stay in flight while the next k-block's are issued (wait<1>), and
-      // its stage is freed one k-block later. Waiting for every k-block (wait<0>) left the tensor
-      // pipe to the other consumer between k-blocks: H200, BENCHMARKS.md run 27, T = 8192 443.2 ->
-      // 436.5 us, paged 452.0 -> 443.4, T = 1024 63.4 -> 62.8, paged 66.8 -> 65.9.
+      // Without kDrainEach, each k-block's WGMMAs stay in flight while the next k-block's are
+      // issued (wait<1>), and its stage is freed one k-block later: with 4 stages that beat
+      // draining every k-block (H200, BENCHMARKS.md run 27, T = 8192 443.2 -> 436.5 us). With 3
+      // stages a stage held a k-block longer starves the ring, and draining wins (run 34:
+      // decompress.cu's run_wgmma has the numbers).
       int held = -1;  // the stage whose WGMMAs may still be reading it
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
@@ -458,11 +492,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           sm90::wgmma_commit();
           sm90::fence_operands(acc);
-          sm90::wgmma_wait<1>();  // the previous k-block's WGMMAs are done with their stage
+          if constexpr (kDrainEach) {
+            sm90::wgmma_wait<0>();
+          } else {
+            sm90::wgmma_wait<1>();  // the previous k-block's WGMMAs are done with their stage
+          }
           sm90::fence_operands(acc);
         }
-        if (held >= 0) sm90::release_stage(&empty[held], lane);  // every lane's reads of it are complete
-        held = stage;
+        if constexpr (kDrainEach) {
+          sm90::release_stage(&empty[stage], lane);
+        } else {
+          if (held >= 0) sm90::release_stage(&empty[held], lane);  // every lane's reads of it are complete
+          held = stage;
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;

@@ -722,6 +722,24 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
             }));
         }
     }
+    // The same FLOPs as one dense GEMM through the grouped kernel (one expert holding all T·k
+    // rows): the ceiling a grouped GEMM of that case could reach on this machine at its clocks,
+    // timed the same way (scripts/dense_ceiling.py times cuBLAS on the same shapes under the same
+    // names). The routed cases pay the ragged M tiles and the weight traffic on top.
+    for (model, _, k, h, i) in MODELS {
+        for &t in &opts.tokens {
+            let dense = (1, 1, h, i);
+            for (stage, suffix) in [
+                (GemmStage::Up, "gemm-up-dense"),
+                (GemmStage::Down, "gemm-down-dense"),
+            ] {
+                let name = format!("{model}/T{t}/{suffix}");
+                v.push(CaseSpec::new(name.clone(), move |ctx| {
+                    gemm_case(ctx, &name, t * k, dense, stage, Routing::Uniform)
+                }));
+            }
+        }
+    }
     for &t in &opts.tokens {
         let name = format!("dsv3/T{t}/gemm-up-zipf1.2");
         v.push(CaseSpec::new(name.clone(), move |ctx| {
@@ -736,6 +754,21 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
         let name = format!("mla/T{t}/decompress-paged64");
         v.push(CaseSpec::new(name.clone(), move |ctx| {
             mla_case(ctx, &name, t, 128, Some(64))
+        }));
+    }
+    for t in [1024, 8192, 32768] {
+        // The decompression's FLOPs as one dense GEMM through the grouped kernel: [T, r] times
+        // kv_b_proj [H·(d_nope + d_v), r]ᵀ, no K/V layout (a plain [T, 32768] output).
+        let name = format!("mla/T{t}/gemm-dense");
+        v.push(CaseSpec::new(name.clone(), move |ctx| {
+            gemm_case(
+                ctx,
+                &name,
+                t,
+                (1, 1, 512, 128 * 256 / 2),
+                GemmStage::Up,
+                Routing::Uniform,
+            )
         }));
     }
     for heads in [16, 12] {

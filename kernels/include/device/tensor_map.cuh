@@ -43,16 +43,16 @@ inline bool make_bf16_sw128_map(CUtensorMap *map, const void *base, int64_t rows
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The bf16 matrix column block [rows][heads][0, 128) of an array with element strides
+// The bf16 matrix column block [rows][heads][0, cols) of an array with element strides
 // (head_stride, row_stride), for TMA stores of boxes of 64 columns x 1 head x box_rows rows with
 // the 128-byte swizzle (shared-memory box: box_rows rows of 128 bytes, 16-byte chunk c of row r at
 // chunk c ^ (r % 8)). Rows past `rows` are not written. False when the driver refuses the map
 // (strides that are not multiples of 8 elements, a misaligned base).
 inline bool make_bf16_head_block_store_map(CUtensorMap *map, void *base, int64_t rows, int32_t heads,
-                                           int64_t head_stride, int64_t row_stride, int box_rows) {
+                                           int64_t head_stride, int64_t row_stride, int box_rows, int32_t cols = 128) {
   auto encode = encode_tiled();
   if (encode == nullptr) return false;
-  const cuuint64_t dims[3] = {128, (cuuint64_t)heads, (cuuint64_t)rows};
+  const cuuint64_t dims[3] = {(cuuint64_t)cols, (cuuint64_t)heads, (cuuint64_t)rows};
   const cuuint64_t strides[2] = {(cuuint64_t)head_stride * 2, (cuuint64_t)row_stride * 2};
   const cuuint32_t box[3] = {64, 1, (cuuint32_t)box_rows};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
