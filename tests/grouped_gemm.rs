@@ -463,13 +463,14 @@ fn tail_pairs_against_the_oracle() {
     pair_problems_vs_oracle(&ctx, &ids, sizes.len(), seed);
 }
 
-/// K = 4096 pairs where an expert ends in a tile of at most 64 rows behind an odd number of full
+/// K = 4096 pairs where an expert ends in a tile of at most 32 rows behind an odd number of full
 /// tiles: the pair of its last full tile and that last tile runs as a tall pair (each CTA takes
 /// its half of the full tile's rows at full width and half of the columns of the last tile's
-/// rows; the kernel's produce_pairs; a last tile of at most 16 rows runs swapped, W on the WGMMA's
-/// M side). Sizes: one full tile + 1, + 22 and + 64 rows (129, 150, 192), three full tiles + 64
-/// and + 16 (448, 400), beside a lone tile (64), an empty expert and one row: 129 and 400 run
-/// swapped (unless `MOEKIT_GEMM_TALL_PAIRS` says otherwise), 150, 192 and 448 not. Plain (4 and 3
+/// rows, swapped: W on the WGMMA's M side, m64n16 up to 16 rows, m64n32 up to 32; the kernel's
+/// produce_pairs). Sizes: one full tile + 1, + 22, + 32, + 33 and + 64 rows (129, 150, 160, 161,
+/// 192), three full tiles + 64 and + 16 (448, 400), beside a lone tile (64), an empty expert and
+/// one row: 129, 150, 160 and 400 run as tall pairs (unless `MOEKIT_GEMM_TALL_PAIRS=0` or
+/// `MOEKIT_GEMM_SWAP_ROWS=16`), 161, 192 and 448 as plain W-sharing pairs. Plain (4 and 3
 /// column blocks) and SwiGLU bf16 outputs against the oracle, then row-scaled bf16 and plain and
 /// SwiGLU f32 outputs (the staged epilogue) against the CPU, with poisoned outputs.
 #[test]
@@ -478,7 +479,7 @@ fn tall_pairs_against_the_oracle() {
         return;
     };
     let seed = fresh_seed();
-    let sizes = [129usize, 150, 192, 448, 400, 64, 0, 1];
+    let sizes = [129usize, 150, 160, 161, 192, 448, 400, 64, 0, 1];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());
     pair_problems_vs_oracle(&ctx, &ids, e, seed);
@@ -546,11 +547,11 @@ fn folded_last_tiles_against_the_cpu() {
     }
 }
 
-/// K = 4096 (pairs of CTAs): tiles of at most 16 rows run swapped on both consumers there too
-/// (`MOEKIT_GEMM_SWAP_SMALL=2`, the default): the last tiles of experts paired two by two (520
-/// and 528: 8 and 16 rows; 272: 16), lone tiles of 5, 16 and 1 rows, and a W-sharing pair whose
-/// second tile holds one row (129: a tall pair with plain and SwiGLU outputs, swapped here with
-/// row-scaled ones), while last tiles of 17 rows (17, 529) keep the m64n256 path. Plain and
+/// K = 4096 (pairs of CTAs): tiles of at most 32 rows run swapped on both consumers there too
+/// (`MOEKIT_GEMM_SWAP_SMALL=2`, the default): the last tiles of experts paired two by two (520,
+/// 528, 529 and 544: 8, 16, 17 and 32 rows; 272: 16), lone tiles of 5, 16, 17 and 1 rows, and a
+/// W-sharing pair whose second tile holds one row (129: a tall pair with plain and SwiGLU outputs,
+/// swapped here with row-scaled ones), while last tiles of 33 rows (545) keep the m64n256 path. Plain and
 /// SwiGLU bf16 against the oracle, row-scaled bf16 against the CPU with poisoned outputs.
 #[test]
 fn small_tiles_swapped_in_pairs_against_the_oracle() {
@@ -558,7 +559,7 @@ fn small_tiles_swapped_in_pairs_against_the_oracle() {
         return;
     };
     let seed = fresh_seed();
-    let sizes = [520usize, 272, 528, 529, 5, 16, 17, 1, 129, 0];
+    let sizes = [520usize, 272, 528, 529, 544, 545, 5, 16, 17, 1, 129, 0];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());
     pair_problems_vs_oracle(&ctx, &ids, e, seed);

@@ -198,15 +198,24 @@ static bool use_tma_stores() {
 // time follows: measured (H200, BENCHMARKS.md run 30 call 6, 3 rounds, us, off / tall /
 // tall + swapped): DeepSeek-V3 T = 4096 gate+up 4580-4637 / 4506-4562 / 4412-4454, SwiGLU
 // 4580-4631 / 4482-4522 / 4347-4375, Zipf T = 16384 13200-13204 / 13073-13095 / 13063-13083, the
-// layer 7362-7386 / 7288-7359 / 7270-7336. MOEKIT_GEMM_TALL_PAIRS=0 / 1 / 2 (default) picks one
-// (A/B timing).
+// layer 7362-7386 / 7288-7359 / 7270-7336. Since run 34 a tall pair's last tile holds at most
+// swap_rows (32) rows and always runs swapped (m64n32 for 17-32 rows, where the m64n64 path
+// multiplied 64): the pair kernels then hold no fourth WGMMA shape, and last tiles of 17-32 rows
+// elsewhere in pairs swap too; a last tile of 33-64 rows behind a full tile now pairs with it as a
+// plain W-sharing pair (rare: uniform DeepSeek-V3 T = 4096 ends ~1-35 rows past a full tile).
+// Measured (H200, BENCHMARKS.md run 34 call 6, two builds, 3 rounds, us, before -> after):
+// DeepSeek-V3 T = 4096 gate+up 4350-4374 -> 4335-4341, SwiGLU 4300-4312 -> 4295-4301, the layer
+// 7172-7212 -> 7055-7171, Zipf T = 16384 13106-13136 -> 13088-13109, SwiGLU T = 16384 even,
+// Mixtral T = 4096 gate+up 2850-2884 -> 2776-2782 (one round of the old build read 2545: the
+// first case of the call). MOEKIT_GEMM_TALL_PAIRS=0 turns them off (A/B timing).
 static int tall_pairs() {
-  static const int v = env_switch("MOEKIT_GEMM_TALL_PAIRS", 2);
-  return v < 0 || v > 2 ? 2 : v;
+  static const int v = env_switch("MOEKIT_GEMM_TALL_PAIRS", 1);
+  return v == 0 ? 0 : 1;
 }
 
-// 128 x 256 kernels with bf16 outputs: a tile of at most 16 rows (single CTAs: swap_rows; an
-// expert's last: at DeepSeek-V3 T = 4096 half of the experts end in one of ~1-30 rows) runs swapped on both
+// 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows rows (16 in the pair kernels
+// until run 34; an expert's last: at DeepSeek-V3 T = 4096 half of the experts end in one of
+// ~1-30 rows) runs swapped on both
 // consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's run_swapped), instead of
 // one consumer multiplying 64 rows: the tall pairs' finding that the capped time follows the math
 // done. 0 never, 1 in the single-CTA kernels (K < 4096), 2 in the pair kernels too (K >= 4096:
@@ -225,9 +234,9 @@ static int swap_small() {
   return v < 0 || v > 2 ? 2 : v;
 }
 
-// The most rows a swapped tile of a single CTA takes: 16 runs m64n16 only, 32 also m64n32 for
-// 17-32 rows (~15% of the DeepSeek-V3 T = 4096 last tiles; pairs keep 16: a fourth WGMMA shape
-// there serialized every WGMMA). Run 31 (16 / 32, us): Qwen3 T = 16384 down 611-614 / 611-613,
+// The most rows a swapped tile takes: 16 runs m64n16 only, 32 also m64n32 for 17-32 rows (~15%
+// of the DeepSeek-V3 T = 4096 last tiles; in the pair kernels since run 34, see tall_pairs; it
+// also bounds a tall pair's last tile). Run 31 (16 / 32, us): Qwen3 T = 16384 down 611-614 / 611-613,
 // T = 4096 up 372.6-373.8 / 372.3-373.6: no difference beyond noise; 32 covers more tiles.
 // MOEKIT_GEMM_SWAP_ROWS=16/32 (A/B timing).
 static int swap_rows() {

@@ -77,11 +77,11 @@ struct Args {
   // Experts with more M tiles than this sweep their column blocks in bands of about this many M
   // tiles (decode_tile; rounded up to an even count); 0: one band per expert.
   int32_t band_m;
-  // Pair kernels: an expert's full M tile paired with its last tile of at most 64 rows runs as a
-  // tall pair (produce_pairs): 0 never, 1 always on m64n64 WGMMAs, 2 with last tiles of at most 16
-  // rows swapped (consume_narrow). grouped_gemm.cu's tall_pairs says which and why.
+  // Pair kernels: an expert's full M tile paired with its last tile of at most swap_rows rows runs
+  // as a tall pair (produce_pairs; the last tile swapped, run_swapped): 0 never, else always.
+  // grouped_gemm.cu's tall_pairs says why.
   int32_t tall_pairs;
-  // 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows (16 or 32; pairs 16) rows
+  // 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows (16 or 32) rows
   // runs swapped on both consumers (run_swapped): 0 never, 1 in single CTAs, 2 in pairs too.
   // grouped_gemm.cu's swap_small.
   int32_t swap_small;
@@ -369,11 +369,11 @@ __device__ __forceinline__ PairMailbox pair_mailbox(int4 *stage_info) {
 // waits on the peer's box costs more than the L2 bytes it saves.)
 //
 // kTall (a.tall_pairs > 0): a pair of an expert's full M tile (rank 0) and its next and last M
-// tile of at most 64 rows (rank 1) in one column block runs as a tall pair. Each rank loads the
-// full tile's rows [64 r, 64 r + 64) as its first X box and the last tile's rows as its second;
-// its consumer 0 multiplies the first box by the whole W tile, its consumer 1 the second box by
-// the W rows of the rank's half of the output columns (consume_narrow, swapped for at most 16
-// rows). Both CTAs then run 3 of the 4 row-block units of math per k-block instead of 4 and 2
+// tile of at most a.swap_rows (32) rows (rank 1) in one column block runs as a tall pair. Each
+// rank loads the full tile's rows [64 r, 64 r + 64) as its first X box and the last tile's rows
+// as its second; its consumer 0 multiplies the first box by the whole W tile, its consumer 1 the
+// second box by the W rows of the rank's half of the output columns, swapped (run_swapped: m64n16
+// or m64n32). Both CTAs then run ~2.5 of the 4 row-block units of math per k-block instead of 4 and 2
 // (grouped_gemm.cu's tall_pairs has the measurements). The rank goes to the consumers in bits
 // 28-29 of the stage record's tile index.
 template <int BN, int kStages, int kEpilogue, bool kTall>
@@ -423,7 +423,8 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
       // them in this order): a tall pair when that next tile is the last and holds <= 64 rows.
       const int last_row0 = rank == 0 ? other.row0 : tile.row0;
       pair_row0 = rank == 0 ? tile.row0 : other.row0;
-      tall = kTall && shared && a.tall_pairs != 0 && last_row0 == pair_row0 + kBlockM && tile.row_end - last_row0 <= 64;
+      tall = kTall && shared && a.tall_pairs != 0 && last_row0 == pair_row0 + kBlockM &&
+             tile.row_end - last_row0 <= a.swap_rows;
     }
     const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
     // The W tile's two halves: SwiGLU pairs BN/2 gate rows with the matching BN/2 up rows.
@@ -500,22 +501,23 @@ __device__ __forceinline__ void wgmma_swapped(float (&acc)[N / 2], uint64_t desc
 // stage is freed (in both CTAs for pairs). Used by a tall pair's last-tile consumer
 // (produce_pairs: X box 1, this rank's half of the output columns) and by single CTAs' small tiles
 // (X box 0, each consumer half of the W tile's rows).
-// - kSwappedN = 0: two m64n64 (X rows on M), 64 accumulators in the layout of one m64n128.
-// - kSwappedN = 16 or 32 (a tile of at most that many rows): W's rows are the M side and the
-//   tile's rows the N side (m64nN), so the math shrinks with the rows instead of covering 64;
-//   each thread holds W rows 16w + l/4 (+8) and tile rows 8i + 2(l%4) (+1), transposed on the way
-//   out (epilogue_swapped).
+// kSwappedN = 16 or 32 (a tile of at most that many rows): W's rows are the M side and the tile's
+// rows the N side (m64nN), so the math shrinks with the rows instead of covering 64; each thread
+// holds W rows 16w + l/4 (+8) and tile rows 8i + 2(l%4) (+1), transposed on the way out
+// (epilogue_swapped). (Until run 34 tall pairs ran last tiles of 17-64 rows here unswapped, as two
+// m64n64; that fourth WGMMA shape kept the pairs from swapping 17-32 rows.)
 // A second WGMMA shape in the kernel is fine for ptxas in a loop of its own with its own
 // accumulators: under a branch inside the main loop, predicated, or on the main loop's
 // accumulators, ptxas serialized every WGMMA of the kernel (C7519/C7520/C7511; BENCHMARKS.md
 // runs 25, 26 and 30).
 template <int BN, int kStages, bool kPair, int kSwappedN>
-__device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSwappedN : 64], const __nv_bfloat16 *sa,
+__device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN], const __nv_bfloat16 *sa,
                                                const __nv_bfloat16 *sb, uint64_t *full, uint64_t *empty, int &stage,
                                                uint32_t &phase, int k_blocks, int x_box, int lane, WHalf w) {
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
-  constexpr int kHalf = kSwappedN != 0 ? kSwappedN / 2 : 32;
+  static_assert(kSwappedN == 16 || kSwappedN == 32, "swapped tiles of 16 or 32 rows");
+  constexpr int kHalf = kSwappedN / 2;
   float(&acc0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[0]);
   float(&acc1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc[kHalf]);
   const uint32_t peer_empty = kPair ? sm90::peer_addr(sm90::smem_addr(empty), sm90::cluster_ctarank() ^ 1) : 0u;
@@ -530,13 +532,8 @@ __device__ __forceinline__ void consume_narrow(float (&acc)[kSwappedN != 0 ? kSw
       const uint64_t dx = sm90::desc_k_major_sw128(x_base + kk * 32);
       const uint64_t dw0 = sm90::desc_k_major_sw128(w_base + w.off0 + kk * 32);
       const uint64_t dw1 = sm90::desc_k_major_sw128(w_base + w.off1 + kk * 32);
-      if constexpr (kSwappedN != 0) {
-        wgmma_swapped<kSwappedN>(acc0, dw0, dx, scale_d);
-        wgmma_swapped<kSwappedN>(acc1, dw1, dx, scale_d);
-      } else {
-        sm90::wgmma_m64n64k16_bf16(acc0, dx, dw0, scale_d);
-        sm90::wgmma_m64n64k16_bf16(acc1, dx, dw1, scale_d);
-      }
+      wgmma_swapped<kSwappedN>(acc0, dw0, dx, scale_d);
+      wgmma_swapped<kSwappedN>(acc1, dw1, dx, scale_d);
     }
     sm90::wgmma_commit();
     sm90::fence_operands(acc0);
@@ -613,9 +610,9 @@ __device__ __forceinline__ void epilogue_swapped(const Args &a, int row0, int ro
 }
 
 // Runs a tile of at most 32 rows swapped: N = 16 or 32 by its row count (`rows`; 32 only where
-// a.swap_rows allows it, and not in pairs: beside their m64n256 and m64n64 loops a fourth WGMMA
-// shape made ptxas serialize every WGMMA and spill, C7512). Returns false (nothing done) for more
-// rows.
+// a.swap_rows allows it). Returns false (nothing done) for more rows. The kernels hold three WGMMA
+// shapes (m64n256, m64n16, m64n32), each in loops of their own; a fourth (the tall pairs' m64n64
+// until run 34) made ptxas serialize every WGMMA and spill (C7512).
 template <int BN, int kStages, bool kPair, int kEpilogue>
 __device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, int row_end, int col_block,
                                             const __nv_bfloat16 *sa, const __nv_bfloat16 *sb, uint64_t *full,
@@ -627,7 +624,7 @@ __device__ __forceinline__ bool run_swapped(const Args &a, int rows, int row0, i
     epilogue_swapped<kEpilogue, 16>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
     return true;
   }
-  if (!kPair && rows <= a.swap_rows) {
+  if (rows <= a.swap_rows) {
     float acc[32];
     consume_narrow<BN, kStages, kPair, 32>(acc, sa, sb, full, empty, stage, phase, k_blocks, x_box, lane, w);
     epilogue_swapped<kEpilogue, 32>(a, row0, row_end, col_block, acc, consumer, warp, lane, buf);
@@ -900,18 +897,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kTall) {
         if (tall != 0 && consumer == 1) {
           // The W rows of this rank's half of the output columns.
+          // The last tile holds at most a.swap_rows rows (produce_pairs' tall condition), so it runs
+          // swapped and run_swapped always takes it.
           const WHalf w = w_half<BN, kEpilogue>((uint32_t)(tall - 1));
-          if (a.tall_pairs == 2 &&
-              run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
-                                                        tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,
-                                                        consumer, warp, lane, w, staging + consumer * kStagingBytes)) {
-            continue;
-          }
-          float acc_half[64];
-          consume_narrow<BN, kStages, true, 0>(acc_half, sa, sb, full, empty, stage, phase, k_blocks, 1, lane, w);
-          // The 64 x 128 product (SwiGLU: 64 x 64 outputs) as a consumer of a 128-wide tile.
-          epilogue_tma<128, kEpilogue, 1>(a, &map_y, tile, acc_half, consumer, warp, lane,
-                                          staging + consumer * kStagingBytes);
+          run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
+                                                    tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,
+                                                    consumer, warp, lane, w, staging + consumer * kStagingBytes);
           continue;
         }
       }
