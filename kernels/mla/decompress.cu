@@ -243,7 +243,7 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   // MOEKIT_MLA_GROUP=n sets the tile order's group of M tiles (decompress_sm90.cuh's kGroupM has
   // the measurements; 16 and 64 measured within noise of 32 in BENCHMARKS.md run 34 call 2).
   static const int group_m = env_switch("MOEKIT_MLA_GROUP", kGroupM);
-  a.group_m = group_m > 0 ? group_m : kGroupM;
+  a.group_m = group_m > 0 ? std::min(group_m, 1 << 16) : kGroupM;  // group_m * heads fits an int
 
   const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));

@@ -86,7 +86,8 @@ struct Args {
   // Whether the latent and k_pe are written by the grid this kernel depends on (a paged cache's
   // gather): then the first tile's A loads wait for it; otherwise they are issued before the wait.
   int source_from_previous_grid;
-  // M tiles per group of the tile order (decode_tile); decompress.cu's group_m_tiles says how many.
+  // M tiles per group of the tile order (decode_tile): kGroupM unless MOEKIT_MLA_GROUP says
+  // otherwise (decompress.cu's run_wgmma).
   int group_m;
 };
 
@@ -117,7 +118,8 @@ constexpr int kStagingBytes = 64 * kHeadDim * 2;
 constexpr int kKpeBoxBytes = kBlockM * 64 * 2;
 template <int kStages, int kStagingBufs, bool kKpeTma = false>
 constexpr size_t smem_bytes() {
-  // 231,568 bytes: under the 232,448 (227 KB) an sm_90 block may opt in to.
+  // At most 231,576 bytes (4 stages and one staging buffer; 3 stages, two buffers and the k_pe box:
+  // 231,552): under the 232,448 (227 KB) an sm_90 block may opt in to.
   return (size_t)kStages * (kBlockM + kBlockN) * kBlockK * 2 + (size_t)kConsumers * kStagingBufs * kStagingBytes +
          (kKpeTma ? (size_t)kKpeBoxBytes : 0) + sizeof(uint64_t) +
          (2 * kStages + 4) * sizeof(uint64_t) + 2 * kStages * sizeof(int32_t) + 2 * sizeof(int32_t) +
