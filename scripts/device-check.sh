@@ -3,10 +3,10 @@
 # packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla,power
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla,power,ceiling
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
 # --filter), SANITIZE (test binaries for the sanitizers, default all), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES,
-# POWER_CASES, DEADLINE (seconds; later sanitizer runs skip).
+# POWER_CASES, CEILING_FILTER, CEILING_ROUNDS, DEADLINE (seconds; later sanitizer runs skip).
 set -u
 cd "$(dirname "$0")/.."
 # A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
@@ -107,6 +107,18 @@ if has ncu-mla; then
     .gpu/examples/bench_report --filter mla/T8192/decompress --reps 2 >"$out/ncu-mla-source.txt" 2>&1
   ncu -i "$out/mla-source.ncu-rep" --page source --print-source sass --csv >"$out/mla-sass.csv" 2>&1
   summary+=("ncu-mla source: rc=$?")
+fi
+if has ceiling; then
+  # Each bar against what any GEMM of its FLOPs reaches here: bench_report's `*-dense` cases (ours)
+  # and scripts/dense_ceiling.py (cuBLAS, timed the same way) beside the routed cases, in
+  # CEILING_ROUNDS interleaved rounds (BENCHMARKS.md run 34).
+  cfilter=${CEILING_FILTER:-"dense,=dsv3/T16384/gemm-up,=dsv3/T16384/gemm-down,=dsv3/T16384/gemm-up-swiglu,-balanced,=mixtral/T16384/gemm-up,=qwen3/T16384/gemm-up,=mla/T32768/decompress,=mla/T8192/decompress,=mla/T1024/decompress,=dsv3/T4096/gemm-up"}
+  for r in $(seq 1 "${CEILING_ROUNDS:-2}"); do
+    timeout 250 .gpu/examples/bench_report --tokens 4096,16384 --filter "$cfilter" --json "$out/ceiling-ours$r.json" \
+      >"$out/ceiling-ours$r.txt" 2>&1
+    timeout 150 python3 scripts/dense_ceiling.py --json "$out/ceiling-cublas$r.json" >"$out/ceiling-cublas$r.txt" 2>&1
+    summary+=("ceiling round $r: done")
+  done
 fi
 if has power; then
   # Is a case's time the kernel's or the power cap's? SM clock, instantaneous power and the SW

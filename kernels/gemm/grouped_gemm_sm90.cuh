@@ -420,7 +420,8 @@ __device__ __forceinline__ void produce_pairs(const CUtensorMap *map_x, const CU
       const Tile other = decode_tile<true>(a, 2 * u + (int)(rank ^ 1), col_blocks());
       shared = other.expert == tile.expert && other.col_block == tile.col_block;
       // Rank 0 holds an expert's full M tile and rank 1 the expert's next M tile (decode_tile keeps
-      // them in this order): a tall pair when that next tile is the last and holds <= 64 rows.
+      // them in this order): a tall pair when that next tile is the last and holds at most
+      // a.swap_rows rows (it then runs swapped).
       const int last_row0 = rank == 0 ? other.row0 : tile.row0;
       pair_row0 = rank == 0 ? tile.row0 : other.row0;
       tall = kTall && shared && a.tall_pairs != 0 && last_row0 == pair_row0 + kBlockM &&
@@ -896,9 +897,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool active = tile.row0 + consumer * 64 < tile.row_end;
       if constexpr (kTall) {
         if (tall != 0 && consumer == 1) {
-          // The W rows of this rank's half of the output columns.
-          // The last tile holds at most a.swap_rows rows (produce_pairs' tall condition), so it runs
-          // swapped and run_swapped always takes it.
+          // The last tile's rows by the W rows of this rank's half of the output columns. It holds
+          // at most a.swap_rows rows (produce_pairs' tall condition), so run_swapped always takes it.
           const WHalf w = w_half<BN, kEpilogue>((uint32_t)(tall - 1));
           run_swapped<BN, kStages, true, kEpilogue>(a, tile.row_end - (tile.row0 + 64), tile.row0 + 64, tile.row_end,
                                                     tile.col_block, sa, sb, full, empty, stage, phase, k_blocks, 1,

@@ -176,12 +176,12 @@ static bool wgmma_supports(const moekit_mla_decompress_params &p) {
          p.tile_counter != nullptr;
 }
 
-template <int kStages, int kStagingBufs, bool kTmaA, bool kDrainEach = false, bool kKpeTma = false>
+template <int kStages, int kStagingBufs, bool kTmaA, bool kKpeTma = false>
 static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &map_a, const CUtensorMap &map_k,
                                   const CUtensorMap &map_v, const CUtensorMap &map_kpe_in,
                                   const CUtensorMap &map_kpe_out, const Args &a, int grid, moekit_stream stream) {
   constexpr size_t smem = smem_bytes<kStages, kStagingBufs, kKpeTma>();
-  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA, kDrainEach, kKpeTma>;
+  auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA, kKpeTma>;
   // The kernel's setmaxnreg split assumes the CTA's register pool of its launch bounds (384 x 168,
   // asserted at compile time); ptxas allocating fewer would make setmaxnreg.inc wait forever.
   static const int registers = [kernel] {
@@ -287,10 +287,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
         make_bf16_sw128_map(&map_kpe_in, p.k_pe, p.num_rows, 64, kBlockM, p.k_pe_stride) &&
         make_bf16_head_block_store_map(&map_kpe_out, static_cast<__nv_bfloat16 *>(p.k) + kHeadDim, p.tokens, p.heads,
                                        p.k_head_stride, p.k_token_stride, kBlockM, 64)) {
-      return launch_wgmma<3, 2, true, true, true>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a, grid,
-                                                  stream);
+      return launch_wgmma<3, 2, true, true>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a, grid, stream);
     }
-    return launch_wgmma<3, 2, true, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
+    return launch_wgmma<3, 2, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
   }
   // The in-kernel gather (paged caches without the gather buffer): 4 stages, its copier threads.
   return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, map_w, map_w, a, grid, stream);

@@ -159,13 +159,16 @@ __device__ __forceinline__ void stage_box(uint8_t *box, const float (&acc)[kBloc
 // cp.async for the rest (533 us) were slower (branch next/mla-paged-tma). Since run 23 a paged
 // source is gathered once by its own kernel and read here by TMA (452 us at T = 8192 against
 // 471 gathered here); this path remains for callers without the gather buffer.
-template <int kStages, int kStagingBufs, bool kTmaA, bool kDrainEach = false, bool kKpeTma = false>
+template <int kStages, int kStagingBufs, bool kTmaA, bool kKpeTma = false>
 __global__ void __launch_bounds__(kThreads, 1)
     decompress_wgmma_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_a,
                             const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
                             const __grid_constant__ CUtensorMap map_kpe_in,
                             const __grid_constant__ CUtensorMap map_kpe_out, const Args a) {
   static_assert(!kKpeTma || kTmaA, "k_pe by TMA: contiguous sources only");
+  // 3 stages drain each k-block's WGMMAs before freeing its stage; 4 keep one group in flight
+  // (the consumer loop below says why).
+  constexpr bool kDrainEach = kStages < 4;
   constexpr int kTileA = kBlockM * kBlockK;  // elements
   constexpr int kTileB = kBlockN * kBlockK;
   constexpr uint32_t kBytesB = kTileB * 2;
@@ -472,11 +475,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row0 = tile.m0 + consumer * 64;
       // A consumer whose 64 rows all lie past the tokens skips the math and the stores.
       const bool active = row0 < a.tokens;
-      // Without kDrainEach, each k-block's WGMMAs stay in flight while the next k-block's are
-      // issued (wait<1>), and its stage is freed one k-block later: with 4 stages that beat
-      // draining every k-block (H200, BENCHMARKS.md run 27, T = 8192 443.2 -> 436.5 us). With 3
-      // stages a stage held a k-block longer starves the ring, and draining wins (run 34:
-      // decompress.cu's run_wgmma has the numbers).
+      // With 4 stages each k-block's WGMMAs stay in flight while the next k-block's are issued
+      // (wait<1>), and its stage is freed one k-block later: that beat draining every k-block
+      // (H200, BENCHMARKS.md run 27, T = 8192 443.2 -> 436.5 us). With 3 stages a stage held a
+      // k-block longer starves the ring, and draining wins (run 34: decompress.cu's run_wgmma has
+      // the numbers).
       int held = -1;  // the stage whose WGMMAs may still be reading it
       for (int kb = 0; kb < k_blocks; ++kb) {
         sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (waited above)
