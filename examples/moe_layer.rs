@@ -177,6 +177,19 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut hit = vec![false; e];
     ids_host.iter().for_each(|&id| hit[id as usize] = true);
     let touched = hit.iter().filter(|b| **b).count();
+    // How even the routing is: the grouped GEMMs' kernel choice (single folding CTAs or pairs)
+    // and their speed depend on how the rows spread over the experts.
+    let mut per_expert = vec![0usize; e];
+    ids_host.iter().for_each(|&id| per_expert[id as usize] += 1);
+    per_expert.sort_unstable();
+    let mean = (t * k) as f64 / e as f64;
+    println!(
+        "routing: {touched} of {e} experts hit; rows per expert min {}, median {}, max {} (mean {mean:.0}); {} experts over twice the mean",
+        per_expert[0],
+        per_expert[e / 2],
+        per_expert[e - 1],
+        per_expert.iter().filter(|&&n| n as f64 > 2.0 * mean).count()
+    );
     let roof = Roofline {
         copy_gbps: 4250.0,
         ..Roofline::default()

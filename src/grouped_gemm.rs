@@ -18,9 +18,10 @@
 //!
 //! The kernel is a persistent, warp-specialized sm_90a kernel (TMA producer, two WGMMA consumer
 //! warpgroups, 128 × 256 tiles; for K ≥ 4096 as 2-CTA clusters whose CTAs each load half of a
-//! shared weight tile, multicast to both; `MOEKIT_GEMM_CLUSTER=1`/`2` forces single CTAs or
-//! clusters); [`Implementation::Oracle`] runs a plain FMA kernel that tests use as a second
-//! opinion.
+//! shared weight tile, multicast to both, unless folding small last tiles into full ones in single
+//! CTAs measured faster; [`Implementation::WgmmaSingle`] / [`Implementation::WgmmaPairs`] or
+//! `MOEKIT_GEMM_CLUSTER=1`/`2` fix the choice); [`Implementation::Oracle`] runs a plain FMA kernel
+//! that tests use as a second opinion.
 
 use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -57,6 +58,12 @@ pub enum Implementation {
     Wgmma,
     /// One thread per output element, f32 FMA: slow, for tests.
     Oracle,
+    /// The WGMMA kernel as single CTAs wherever the heuristic would choose between single CTAs
+    /// and 2-CTA clusters (tests and A/B timing; small last tiles still fold where it would fold).
+    WgmmaSingle,
+    /// The WGMMA kernel as 2-CTA clusters sharing weight tiles wherever the kernel has them
+    /// (128 × 256 tiles; single CTAs where no cluster fits the GPU), for tests and A/B timing.
+    WgmmaPairs,
 }
 
 /// The problem: weight shape and epilogue.
@@ -150,7 +157,7 @@ pub fn grouped_gemm<O: GemmOutput>(
             format!("{n}; SwiGLU needs gate and up halves that are multiples of 8"),
         ));
     }
-    if problem.implementation == Implementation::Wgmma && cfg.block_m != BLOCK_M {
+    if problem.implementation != Implementation::Oracle && cfg.block_m != BLOCK_M {
         return Err(Error::invalid(
             "plan",
             format!(
@@ -266,6 +273,8 @@ pub fn grouped_gemm<O: GemmOutput>(
         implementation: match problem.implementation {
             Implementation::Wgmma => ffi::MOEKIT_GEMM_WGMMA,
             Implementation::Oracle => ffi::MOEKIT_GEMM_ORACLE,
+            Implementation::WgmmaSingle => ffi::MOEKIT_GEMM_WGMMA_SINGLE,
+            Implementation::WgmmaPairs => ffi::MOEKIT_GEMM_WGMMA_PAIRS,
         } as i32,
     };
     // SAFETY: x covers x_rows x k (at least the build's row bound) and w num_local x n x k

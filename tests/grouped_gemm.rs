@@ -22,6 +22,8 @@ struct Case {
     weights: Vec<f32>,
     n: usize,
     k: usize,
+    /// The WGMMA kernel's arrangement under test (`Wgmma`: the heuristic's choice).
+    imp: Implementation,
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -64,6 +66,7 @@ fn case(
         weights: normal_vec(&mut r, tokens * top_k, 0.5),
         n,
         k,
+        imp: Implementation::Wgmma,
     }
 }
 
@@ -138,7 +141,8 @@ fn check<O: moekit::grouped_gemm::GemmOutput>(
         Epi::RowScale => reference::Epilogue::RowScale(&c.weights),
     };
     let want = reference::grouped_gemm(&c.plan_ref, &c.x, &c.w, c.n, c.k, epilogue);
-    let (got, untouched) = run::<O>(ctx, &mut *c, epi, Implementation::Wgmma);
+    let imp = c.imp;
+    let (got, untouched) = run::<O>(ctx, &mut *c, epi, imp);
     let n_out = if epi == Epi::SwiGlu { c.n / 2 } else { c.n };
     let (mut g, mut r) = (Vec::new(), Vec::new());
     for (row, w) in want.iter().enumerate() {
@@ -164,7 +168,7 @@ fn check<O: moekit::grouped_gemm::GemmOutput>(
     );
     // The oracle agrees too, and a rerun is bitwise identical.
     let (oracle, _) = run::<O>(ctx, &mut *c, epi, Implementation::Oracle);
-    let (again, _) = run::<O>(ctx, &mut *c, epi, Implementation::Wgmma);
+    let (again, _) = run::<O>(ctx, &mut *c, epi, imp);
     assert!(
         got.iter()
             .zip(&again)
@@ -316,13 +320,15 @@ fn download(s: &Arc<CudaStream>, d: &CudaSlice<bf16>) -> Vec<f32> {
 }
 
 /// The plan of `ids` under `cfg` and random X, then, for each `(epilogue, N, outputs per row)`,
-/// random W `[E, N, K]` and the WGMMA kernel against the oracle (relative L2 error under 1e-2).
+/// random W `[E, N, K]` and the WGMMA kernel (arranged as `imp` says) against the oracle
+/// (relative L2 error under 1e-2).
 fn wgmma_vs_oracle_for_ids(
     s: &Arc<CudaStream>,
     cfg: &PlanConfig,
     ids: &[i32],
     k: usize,
     problems: impl IntoIterator<Item = (Epilogue<'static>, usize, usize)>,
+    imp: Implementation,
     seed: u64,
 ) {
     let t = ids.len() / cfg.top_k;
@@ -335,11 +341,13 @@ fn wgmma_vs_oracle_for_ids(
         let label = format!("{epilogue:?}");
         let w =
             moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 2), e * n * k, 0.02).unwrap();
-        let p = GemmProblem::new(n, k).epilogue(epilogue);
+        let p = GemmProblem::new(n, k)
+            .epilogue(epilogue)
+            .implementation(imp);
         let (err, _) = wgmma_vs_oracle(s, &mut plan, p, &x, &w, rows * n_out);
         assert!(
             err < 1e-2,
-            "K={k} N={n} {label}: WGMMA vs oracle {err:.3e} (seed {seed})"
+            "K={k} N={n} {label} {imp:?}: WGMMA vs oracle {err:.3e} (seed {seed})"
         );
     }
 }
@@ -394,8 +402,8 @@ fn deepseek_v3_shapes_against_the_oracle() {
     }
 }
 
-/// K = 4096, where the 128 x 256 kernel runs as 2-CTA clusters sharing W tiles (unless
-/// `MOEKIT_GEMM_CLUSTER=1`). Three column blocks per M tile and an odd M-tile total (Zipf routing
+/// K = 4096, the 128 x 256 kernel as 2-CTA clusters sharing W tiles
+/// (`Implementation::WgmmaPairs`). Three column blocks per M tile and an odd M-tile total (Zipf routing
 /// over 24 experts, redrawn until the plan has an odd tile count) give every pair kind: pairs
 /// sharing a W tile, pairs straddling two column blocks or two experts (separate W loads), and a
 /// last pair whose second rank has no tile. The WGMMA kernel against the oracle, for the plain
@@ -416,7 +424,8 @@ fn w_tile_pairs_against_the_oracle() {
         }
     };
     let problems = [(Epilogue::Store, 640, 640), (Epilogue::SwiGlu, 768, 384)];
-    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, seed);
+    let imp = Implementation::WgmmaPairs;
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, imp, seed);
 }
 
 /// One-slot expert ids (k = 1) giving expert e exactly `sizes[e]` tokens, the tokens in a random
@@ -432,7 +441,7 @@ fn ids_of_sizes(sizes: &[usize], seed: u64) -> Vec<i32> {
     ids
 }
 
-/// The pair-order tests' problems at K = 4096 (the 2-CTA pair kernels): plain over 4 and 3
+/// The pair-order tests' problems at K = 4096 on the 2-CTA pair kernels: plain over 4 and 3
 /// column blocks and SwiGLU over 4 (128 outputs each), WGMMA against the oracle, one token per
 /// id (top-1) over `experts` experts.
 fn pair_problems_vs_oracle(ctx: &Context, ids: &[i32], experts: usize, seed: u64) {
@@ -442,7 +451,8 @@ fn pair_problems_vs_oracle(ctx: &Context, ids: &[i32], experts: usize, seed: u64
         (Epilogue::SwiGlu, 1024, 512),
         (Epilogue::Store, 640, 640),
     ];
-    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, ids, 4096, problems, seed);
+    let imp = Implementation::WgmmaPairs;
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, ids, 4096, problems, imp, seed);
 }
 
 /// K = 4096 pairs whose experts end in a tile of at most 64 rows behind an even number of full
@@ -484,6 +494,7 @@ fn tall_pairs_against_the_oracle() {
     let (t, e) = (ids.len(), sizes.len());
     pair_problems_vs_oracle(&ctx, &ids, e, seed);
     let mut c = case(&ctx, "tall pairs", ids, t, 1, e, 1024, 4096, 1);
+    c.imp = Implementation::WgmmaPairs;
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
     check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
     check::<f32>(&ctx, &mut c, Epi::SwiGlu, 1e-4);
@@ -510,7 +521,7 @@ fn small_tiles_swapped_against_the_cpu() {
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
 }
 
-/// K = 2048 (single CTAs), plain bf16 outputs (the kernel with TMA stores): an expert's last tile
+/// K = 2048 (single CTAs), plain and SwiGLU bf16 outputs (the kernels with TMA stores): an expert's last tile
 /// of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded into that
 /// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`): last tiles of 1,
 /// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 5
@@ -519,7 +530,7 @@ fn small_tiles_swapped_against_the_cpu() {
 /// and 1 rows, empty experts (the mean rows per expert stays above 96, where the kernel folds by
 /// default). Four column blocks and two and a half (N = 640: the fold's second 128 columns of the
 /// last block lie past N), segments packed and padded to 8 rows (the fold box then reads padding
-/// rows), against the CPU with poisoned outputs.
+/// rows), against the CPU with poisoned outputs; then K = 4096 on single CTAs against the oracle.
 #[test]
 fn folded_last_tiles_against_the_cpu() {
     let Some(ctx) = gpu("folded_last_tiles_against_the_cpu") else {
@@ -544,7 +555,14 @@ fn folded_last_tiles_against_the_cpu() {
             align,
         );
         check::<bf16>(&ctx, &mut c, Epi::Store, 5e-3);
+        check::<bf16>(&ctx, &mut c, Epi::SwiGlu, 5e-3);
     }
+    // K = 4096, where the heuristic picks between the pairs and the single folding CTAs: the
+    // single CTAs (folding) against the oracle, plain and SwiGLU.
+    let cfg = PlanConfig::new(t, 1, e).block_m(BLOCK_M);
+    let problems = [(Epilogue::Store, 1024, 1024), (Epilogue::SwiGlu, 1024, 512)];
+    let imp = Implementation::WgmmaSingle;
+    wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, 4096, problems, imp, seed);
 }
 
 /// K = 4096 (pairs of CTAs): tiles of at most 32 rows run swapped on both consumers there too
@@ -564,13 +582,15 @@ fn small_tiles_swapped_in_pairs_against_the_oracle() {
     let (t, e) = (ids.len(), sizes.len());
     pair_problems_vs_oracle(&ctx, &ids, e, seed);
     let mut c = case(&ctx, "small tiles in pairs", ids, t, 1, e, 1024, 4096, 1);
+    c.imp = Implementation::WgmmaPairs;
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
 }
 
 /// Experts of more than 24 M tiles sweep their column blocks in bands (the kernel's decode_tile):
 /// 25 M tiles (two bands of 14 and 11), 32 (two of 16), 51 (three of 18, 18 and 15), beside a
-/// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 runs the
-/// 2-CTA pairs, K = 2048 single CTAs.
+/// small and an empty expert (unless `MOEKIT_GEMM_BAND` sets another limit); K = 4096 on the
+/// 2-CTA pairs and on single CTAs (no tail folds: the large experts end 0, 0 and 100 rows past
+/// a full tile), K = 2048 single CTAs.
 #[test]
 fn banded_experts_against_the_oracle() {
     let Some(ctx) = gpu("banded_experts_against_the_oracle") else {
@@ -580,9 +600,13 @@ fn banded_experts_against_the_oracle() {
     let sizes = [3200usize, 70, 4096, 0, 6500];
     let ids = ids_of_sizes(&sizes, seed);
     let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
-    for k in [4096, 2048] {
+    for (k, imp) in [
+        (4096, Implementation::WgmmaPairs),
+        (4096, Implementation::WgmmaSingle),
+        (2048, Implementation::Wgmma),
+    ] {
         let problems = [(Epilogue::Store, 512, 512), (Epilogue::SwiGlu, 512, 256)];
-        wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, k, problems, seed);
+        wgmma_vs_oracle_for_ids(ctx.stream(), &cfg, &ids, k, problems, imp, seed);
     }
 }
 
@@ -700,6 +724,7 @@ fn one_expert_split_k() {
         weights: normal_vec(&mut r, t, 0.5),
         n,
         k,
+        imp: Implementation::Wgmma,
     };
     check::<f32>(&ctx, &mut c, Epi::Store, 1e-4);
 }

@@ -164,10 +164,16 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
 // amortize (run 26, with the tail pairs: DeepSeek-V3 down still +1.2..+4.6%). So: pairs for
 // K >= 4096. (4-CTA clusters sharing X too measured +6..+22%: BENCHMARKS.md run 26.)
 // MOEKIT_GEMM_CLUSTER=1 or 2 forces one or the other (for A/B timing).
-static bool use_w_pairs(const moekit_grouped_gemm_params &p) {
+// Where folding applies (would_fold: fold_small, a kernel with folding), the single folding CTAs
+// run instead of pairs while fold_beats_pairs says so. The implementations
+// MOEKIT_GEMM_WGMMA_SINGLE / _PAIRS fix the choice (tests), as MOEKIT_GEMM_CLUSTER does.
+static bool fold_beats_pairs(const moekit_grouped_gemm_params &p);
+static bool use_w_pairs(const moekit_grouped_gemm_params &p, bool would_fold) {
+  if (p.implementation == MOEKIT_GEMM_WGMMA_SINGLE) return false;
+  if (p.implementation == MOEKIT_GEMM_WGMMA_PAIRS) return true;
   static const int forced = env_switch("MOEKIT_GEMM_CLUSTER", 0);
   if (forced == 1 || forced == 2) return forced == 2;
-  return p.k >= 4096;
+  return p.k >= 4096 && !(would_fold && fold_beats_pairs(p));
 }
 
 // Whether the 128 x 256 kernels with a bf16 STORE or SWIGLU output write it through TMA stores
@@ -267,6 +273,39 @@ static bool fold_small(const moekit_grouped_gemm_params &p) {
   return mean_rows > 96;
 }
 
+// SwiGLU outputs fold too (since run 35; the folded rows' epilogue is the swapped tiles' SwiGLU
+// one); the SwiGLU kernel then runs 3 stages instead of 4 (4 with the fold boxes would take
+// 240 KB). Measured (H200, BENCHMARKS.md run 35 call 2, us, unfolded 4 stages -> folded 3):
+// Qwen3 T = 4096 gate+up SwiGLU 357.2-358.1 -> 349.2-350.4, T = 16384 1140-1182 -> 1132-1183.
+// MOEKIT_GEMM_FOLD_SWIGLU=0 keeps them unfolded (A/B timing).
+static bool fold_swiglu() {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_SWIGLU", 1);
+  return v != 0;
+}
+
+// K >= 4096, where pairs run otherwise: the single folding CTAs instead while experts average at
+// most 4 M tiles (512 rows). Under uniform routing at 128 rows per expert every expert then runs
+// one tile per column block (a full one with its tail folded in, or a lone one), where the pairs
+// ran a tall pair of two CTAs in lockstep or paired unrelated lone tiles; at 512 rows the tails
+// are still one tile in five. Experts of many tiles keep the pairs, whose shared W tiles halve
+// the L2 bytes per tile. Measured (H200, BENCHMARKS.md run 35 calls 1-2, us, pairs -> single
+// folding CTAs, 2 rounds each):
+// - DeepSeek-V3 (mean 128 / 512 rows): T = 4096 gate+up 4129 -> 3900-4044, SwiGLU 4117-4122 ->
+//   3871-4024; T = 16384 gate+up 12346-12349 -> 12231-12259, SwiGLU 12319-12323 -> 12230-12319;
+//   Zipf T = 16384 (skewed: a few experts of 20+ tiles) 12495-12761 -> 12787-12809.
+// - Mixtral (mean 1024 / 4096 rows, not switched): T = 4096 gate+up 2762-2809 -> 2751-2825,
+//   down 1318 -> 1285-1334; T = 16384 gate+up 11121-11126 -> 11102-11105, SwiGLU 11226-11229 ->
+//   11096-11106, down 5540-5567 -> 5520-5690: within the rounds' spread.
+// - A skewed router (178 of 256 experts hit, max 1076 rows, mean 128), DeepSeek-V3 T = 4096
+//   gate+up SwiGLU in the layer: 3669-3670 -> 3780-3782 (+3%): the skew the mean cannot see.
+// MOEKIT_GEMM_FOLD_OVER_PAIRS=0 never, 1 always (A/B timing).
+static bool fold_beats_pairs(const moekit_grouped_gemm_params &p) {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_OVER_PAIRS", -1);
+  if (v == 0 || v == 1) return v == 1;
+  const int64_t mean_rows = p.rows / std::max(1, p.num_local);
+  return mean_rows <= 4 * kBlockM;
+}
+
 // The most rows a folded last tile holds: 16 (two m64n16 per 16-deep slice) or 32 (m64n32, the
 // swapped small tiles' shape, so no new WGMMA shape in the kernel: tails of 17-32 rows then fold
 // too, ~16% of the experts at 512 rows each; 4 KB of shared memory more, 220 KB in all; a 4-byte
@@ -354,23 +393,22 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
         // See use_tma_stores for the stages and rounds; UNSUPPORTED: a y the store map refuses
         // (misaligned), or no cluster fits: the staged stores below.
         constexpr bool kSwiglu = kEpilogue == MOEKIT_EPILOGUE_SWIGLU;
-        if (use_w_pairs(p)) {
+        const bool fold = fold_small(p) && (!kSwiglu || fold_swiglu());
+        if (use_w_pairs(p, fold)) {
           const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2, kSwiglu ? 1 : 2>(p, a, stream);
           if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;
         }
-        if constexpr (!kSwiglu) {
-          if (fold_small(p)) {
-            const moekit_status folded = fold_rows() == 32
-                                             ? run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream)
-                                             : run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
-            if (folded != MOEKIT_ERR_UNSUPPORTED) return folded;
-          }
+        if (fold) {
+          const moekit_status folded = fold_rows() == 32
+                                           ? run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream)
+                                           : run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
+          if (folded != MOEKIT_ERR_UNSUPPORTED) return folded;
         }
         const moekit_status single = run_wgmma<256, kSwiglu ? 4 : 3, kEpilogue, OutT, false, 1, 1>(p, a, stream);
         if (single != MOEKIT_ERR_UNSUPPORTED) return single;
       }
     }
-    if (use_w_pairs(p)) {
+    if (use_w_pairs(p, false)) {
       const moekit_status pairs = run_wgmma<256, 4, kEpilogue, OutT, false, 2>(p, a, stream);
       if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;  // else: no cluster fits; single CTAs
     }
@@ -432,7 +470,8 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
       p->partials_capacity < 0 || reinterpret_cast<uintptr_t>(p->y) % 16 != 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
-      (p->implementation == MOEKIT_GEMM_WGMMA && p->tile_counter == nullptr)) {
+      p->implementation < MOEKIT_GEMM_WGMMA || p->implementation > MOEKIT_GEMM_WGMMA_PAIRS ||
+      (p->implementation != MOEKIT_GEMM_ORACLE && p->tile_counter == nullptr)) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
   Args a;

@@ -727,8 +727,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16 *sf = sb + kStages * kTileB;  // [kStages][kFoldRows][64]: the fold boxes
   uint8_t *staging = reinterpret_cast<uint8_t *>(sf + kStages * kFoldRows * kBlockK);  // [kConsumers][...]
   static_assert(kFoldRows == 0 || ((kFoldRows == 16 || kFoldRows == 32) && kCluster == 1 && kTmaRounds > 0 &&
-                                   BN == 256 && kEpilogue == MOEKIT_EPILOGUE_STORE),
-                "folded last tiles: single CTAs, 128 x 256 plain bf16 tiles with TMA stores, 16 or 32 rows");
+                                   BN == 256 && kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
+                "folded last tiles: single CTAs, 128 x 256 plain or SwiGLU bf16 tiles with TMA stores, 16 or 32 rows");
   constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
   static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
                                kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),

@@ -13,6 +13,11 @@
 /* Implementations. */
 #define MOEKIT_GEMM_WGMMA 0  /* persistent warp-specialized TMA + WGMMA kernel (sm_90a) */
 #define MOEKIT_GEMM_ORACLE 1 /* simple FMA kernel: the test oracle                       */
+/* The WGMMA kernel with its CTA arrangement fixed instead of chosen by the heuristic (tests and
+ * A/B timing): single CTAs (folding small last tiles where the heuristic would), or 2-CTA
+ * clusters sharing W tiles wherever the kernel has them (single CTAs where no cluster fits). */
+#define MOEKIT_GEMM_WGMMA_SINGLE 2
+#define MOEKIT_GEMM_WGMMA_PAIRS 3
 
 /* Rows per M tile of the WGMMA kernel: the plan's block_m must equal it. */
 #define MOEKIT_GEMM_BLOCK_M 128
