@@ -475,7 +475,8 @@ fn router_case(ctx: &Context, name: &str, tokens: usize, e: usize, h: usize) -> 
     ))
 }
 
-/// The whole MoE layer (router through combine) with random weights and the router's routing.
+/// The whole MoE layer (router through combine) with random weights and the router's routing
+/// (uniform: [`crate::moe::MoeLayer::random`]'s router spreads the tokens evenly).
 fn layer_case(
     ctx: &Context,
     name: &str,
