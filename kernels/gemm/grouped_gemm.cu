@@ -399,6 +399,12 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
           if (pairs != MOEKIT_ERR_UNSUPPORTED) return pairs;
         }
         if (fold) {
+          // 3 stages beside the fold boxes and a whole staged tile. (4 stages fit with the tile
+          // staged in rounds of one 64-column box, 226 KB, and measured even where W streams from
+          // DRAM: H200, BENCHMARKS.md run 35 call 8, 3 rounds, us, 4 -> 3 stages: DeepSeek-V3
+          // T = 4096 gate+up 3953-4041 / 3969-4080, SwiGLU 3983-4024 / 3935-4041, T = 16384 gate+up
+          // 12315-12336 / 12273-12280, SwiGLU 12303-12310 / 12323-12337, the layer 6950-6974 /
+          // 6984-7008; that instance spilled 28 bytes.)
           const moekit_status folded = fold_rows() == 32
                                            ? run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream)
                                            : run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);

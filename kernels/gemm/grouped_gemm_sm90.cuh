@@ -730,6 +730,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    BN == 256 && kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
                 "folded last tiles: single CTAs, 128 x 256 plain or SwiGLU bf16 tiles with TMA stores, 16 or 32 rows");
   constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
+  // epilogue_swapped (swapped small tiles, folded rows) transposes up to 32 rows x 128 (SwiGLU 64)
+  // bf16 columns through a consumer's staging buffer.
+  static_assert(!(kFoldRows > 0 || (BN == 256 && std::is_same<OutT, __nv_bfloat16>::value && !kSplitK)) ||
+                    kStagingBytes >= 32 * (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 64 : 128) * 2,
+                "the swapped epilogue's transpose fits the staging buffer");
   static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
                                kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
                 "TMA stores: bf16 STORE or SWIGLU outputs, without split-K");
