@@ -174,13 +174,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(ids) => ids.clone(),
         None => s.clone_dtoh(&layer.routing().0.slice(..t * k))?,
     };
-    let mut hit = vec![false; e];
-    ids_host.iter().for_each(|&id| hit[id as usize] = true);
-    let touched = hit.iter().filter(|b| **b).count();
     // How even the routing is: the grouped GEMMs' kernel choice (single folding CTAs or pairs)
     // and their speed depend on how the rows spread over the experts.
     let mut per_expert = vec![0usize; e];
     ids_host.iter().for_each(|&id| per_expert[id as usize] += 1);
+    let touched = per_expert.iter().filter(|&&n| n > 0).count();
     per_expert.sort_unstable();
     let mean = (t * k) as f64 / e as f64;
     println!(

@@ -250,8 +250,15 @@ static int swap_rows() {
   return v == 16 ? 16 : 32;
 }
 
-// Folded last tiles in the single-CTA plain bf16 kernel with TMA stores (K < 4096: the
-// DeepSeek-V3 and Qwen3 down projections; grouped_gemm_sm90.cuh's consume_folded): an expert's
+// The rows an expert averages in the last build (the folding heuristics' measure: the host knows
+// no more of the routing without a synchronization).
+inline int64_t mean_rows_per_expert(const moekit_grouped_gemm_params &p) {
+  return p.rows / std::max(1, p.num_local);
+}
+
+// Folded last tiles in the single-CTA bf16 kernels with TMA stores (plain since run 32, SwiGLU
+// since run 35; K >= 4096 too where fold_beats_pairs prefers them to pairs;
+// grouped_gemm_sm90.cuh's consume_folded): an expert's
 // last M tile of at most fold_rows() rows behind a full one runs inside that full tile instead of
 // as a tile of its own that streams a whole W tile for a few rows. A folded tile of 16 rows costs
 // ~1/4 of a tile (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16
@@ -269,8 +276,7 @@ static int swap_rows() {
 static bool fold_small(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_SMALL", 1);
   if (v == 0 || v == 2) return v == 2;
-  const int64_t mean_rows = p.rows / std::max(1, p.num_local);
-  return mean_rows > 96;
+  return mean_rows_per_expert(p) > 96;
 }
 
 // SwiGLU outputs fold too (since run 35; the folded rows' epilogue is the swapped tiles' SwiGLU
@@ -302,8 +308,7 @@ static bool fold_swiglu() {
 static bool fold_beats_pairs(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_OVER_PAIRS", -1);
   if (v == 0 || v == 1) return v == 1;
-  const int64_t mean_rows = p.rows / std::max(1, p.num_local);
-  return mean_rows <= 4 * kBlockM;
+  return mean_rows_per_expert(p) <= 4 * kBlockM;
 }
 
 // The most rows a folded last tile holds: 16 (two m64n16 per 16-deep slice) or 32 (m64n32, the

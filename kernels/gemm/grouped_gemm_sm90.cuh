@@ -730,11 +730,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    BN == 256 && kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
                 "folded last tiles: single CTAs, 128 x 256 plain or SwiGLU bf16 tiles with TMA stores, 16 or 32 rows");
   constexpr size_t kStagingBytes = staging_bytes<BN, kEpilogue, kTmaRounds>();
-  // epilogue_swapped (swapped small tiles, folded rows) transposes up to 32 rows x 128 (SwiGLU 64)
-  // bf16 columns through a consumer's staging buffer.
-  static_assert(!(kFoldRows > 0 || (BN == 256 && std::is_same<OutT, __nv_bfloat16>::value && !kSplitK)) ||
-                    kStagingBytes >= 32 * (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 64 : 128) * 2,
-                "the swapped epilogue's transpose fits the staging buffer");
   static_assert(kTmaRounds == 0 || (std::is_same<OutT, __nv_bfloat16>::value && !kSplitK &&
                                kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
                 "TMA stores: bf16 STORE or SWIGLU outputs, without split-K");
@@ -754,6 +749,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // and Qwen3 down projections, K < 4096) and pairs (K >= 4096: the last tiles of experts that
   // pair with another last tile or straddle column blocks, and W-sharing pairs without tall pairs).
   constexpr bool kSwapSmall = !kSplitK && BN == 256 && std::is_same<OutT, __nv_bfloat16>::value;
+  // epilogue_swapped (swapped small tiles, folded rows) transposes up to 32 rows x 128 (SwiGLU 64)
+  // bf16 columns through a consumer's staging buffer.
+  static_assert(!(kSwapSmall || kFoldRows > 0) ||
+                    kStagingBytes >= 32 * (kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? 64 : 128) * 2,
+                "the swapped epilogue's transpose fits the staging buffer");
   // The pair producer spills 16 bytes at 24 registers (a local load per k-block in one thread);
   // 40 for it would leave the consumers 232, and the bf16 store epilogue spills there instead.
   constexpr int kProducerRegs = 24;
