@@ -19,6 +19,6 @@ const _: () = assert!(core::mem::size_of::<moekit_gating_params>() == 96);
 const _: () = assert!(core::mem::size_of::<moekit_plan_params>() == 144);
 const _: () = assert!(core::mem::size_of::<moekit_permute_params>() == 96);
 const _: () = assert!(core::mem::size_of::<moekit_combine_params>() == 80);
-const _: () = assert!(core::mem::size_of::<moekit_grouped_gemm_params>() == 144);
+const _: () = assert!(core::mem::size_of::<moekit_grouped_gemm_params>() == 152);
 const _: () = assert!(core::mem::size_of::<moekit_mla_decompress_params>() == 192);
 const _: () = assert!(core::mem::size_of::<moekit_mla_fresh_params>() == 344);

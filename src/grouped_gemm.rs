@@ -78,6 +78,11 @@ pub struct GemmProblem<'a> {
     pub epilogue: Epilogue<'a>,
     /// Kernel.
     pub implementation: Implementation,
+    /// At most this many CTAs of the persistent WGMMA kernel (it runs one per SM); 0: one per
+    /// SM. Leaves SMs to concurrent work on other streams (communication kernels of expert
+    /// parallelism, for instance): the kernel claims its tiles dynamically, so fewer CTAs only
+    /// take longer, and the output bits do not change.
+    pub max_ctas: usize,
 }
 
 impl<'a> GemmProblem<'a> {
@@ -88,6 +93,7 @@ impl<'a> GemmProblem<'a> {
             k,
             epilogue: Epilogue::Store,
             implementation: Implementation::Wgmma,
+            max_ctas: 0,
         }
     }
 
@@ -100,6 +106,12 @@ impl<'a> GemmProblem<'a> {
     /// Sets the implementation.
     pub fn implementation(mut self, implementation: Implementation) -> Self {
         self.implementation = implementation;
+        self
+    }
+
+    /// Sets the most CTAs the WGMMA kernel runs ([`GemmProblem::max_ctas`]; 0: one per SM).
+    pub fn max_ctas(mut self, ctas: usize) -> Self {
+        self.max_ctas = ctas;
         self
     }
 
@@ -276,6 +288,8 @@ pub fn grouped_gemm<O: GemmOutput>(
             Implementation::WgmmaSingle => ffi::MOEKIT_GEMM_WGMMA_SINGLE,
             Implementation::WgmmaPairs => ffi::MOEKIT_GEMM_WGMMA_PAIRS,
         } as i32,
+        max_ctas: problem.max_ctas.min(i32::MAX as usize) as i32,
+        reserved: 0,
     };
     // SAFETY: x covers x_rows x k (at least the build's row bound) and w num_local x n x k
     // elements, y the row bound x n_out, as

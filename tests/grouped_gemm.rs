@@ -610,6 +610,67 @@ fn banded_experts_against_the_oracle() {
     }
 }
 
+/// A grid capped at a few CTAs (leaving SMs to concurrent work) changes which CTA runs a tile,
+/// never its bits: 3 and 7 CTAs against the default launch (single folding CTAs at K = 4096, the
+/// heuristic's choice at K = 2048), and the default against the oracle.
+#[test]
+fn capped_grids_keep_the_bits() {
+    let Some(ctx) = gpu("capped_grids_keep_the_bits") else {
+        return;
+    };
+    let s = ctx.stream();
+    let seed = fresh_seed();
+    let sizes = [1000usize, 70, 3100, 0, 130];
+    let ids = ids_of_sizes(&sizes, seed);
+    let cfg = PlanConfig::new(ids.len(), 1, sizes.len()).block_m(BLOCK_M);
+    let mut plan = RoutingPlan::new(s, cfg.clone()).unwrap();
+    plan.build(s, &s.clone_htod(&ids).unwrap(), ids.len())
+        .unwrap();
+    let rows = cfg.max_rows();
+    for (k, imp) in [
+        (4096, Implementation::WgmmaSingle),
+        (2048, Implementation::Wgmma),
+    ] {
+        let x =
+            moekit::testing::device_normal::<bf16>(s, &mut rng(seed ^ 1), rows * k, 1.0).unwrap();
+        for (swiglu, n) in [(false, 768), (true, 1024)] {
+            let n_out = if swiglu { n / 2 } else { n };
+            let w = moekit::testing::device_normal::<bf16>(
+                s,
+                &mut rng(seed ^ 2),
+                sizes.len() * n * k,
+                0.02,
+            )
+            .unwrap();
+            let problem = || {
+                let p = GemmProblem::new(n, k).implementation(imp);
+                if swiglu {
+                    p.epilogue(Epilogue::SwiGlu)
+                } else {
+                    p
+                }
+            };
+            let (err, want) = wgmma_vs_oracle(s, &mut plan, problem(), &x, &w, rows * n_out);
+            assert!(
+                err < 1e-2,
+                "K={k} N={n} swiglu={swiglu}: default vs oracle {err:.3e} (seed {seed})"
+            );
+            for (label, p) in [
+                ("3 CTAs", problem().max_ctas(3)),
+                ("7 CTAs", problem().max_ctas(7)),
+            ] {
+                let mut got = s.alloc_zeros::<bf16>(rows * n_out).unwrap();
+                grouped_gemm(s, &mut plan, &p, &x, &w, &mut got).unwrap();
+                let got = download(s, &got);
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "K={k} N={n} swiglu={swiglu}: {label} differs from the default launch (seed {seed})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let Some(ctx) = gpu("bad_inputs_are_refused") else {

@@ -144,12 +144,15 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     }
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
-    cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(max_work, kCluster))));
+    const int64_t cap = p.max_ctas > 0 ? std::max<int64_t>(1, p.max_ctas / kCluster) : clusters;
+    cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(
+                                      1, std::min<int64_t>({(int64_t)clusters, cap, ceil_div(max_work, kCluster)})));
     MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_y, map_xf, a));
     return MOEKIT_OK;
   } else {
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
-    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), max_work));
+    const int64_t ctas = p.max_ctas > 0 ? std::min<int64_t>(p.max_ctas, sm_count()) : sm_count();
+    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ctas, max_work));
     kernel<<<grid, kThreads, smem, stream>>>(map_x, map_w, map_y, map_xf, a);
     return last_launch_status();
   }
@@ -478,7 +481,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   using namespace moekit::gemm;
   if (p == nullptr || p->n < 8 || p->k < 8 || p->n % 8 != 0 || p->k % 8 != 0 || p->num_local < 1 ||
       p->x_rows < 0 || p->rows < 0 || p->rows > p->x_rows || p->x == nullptr || p->w == nullptr || p->y == nullptr ||
-      p->partials_capacity < 0 || reinterpret_cast<uintptr_t>(p->y) % 16 != 0 ||
+      p->partials_capacity < 0 || reinterpret_cast<uintptr_t>(p->y) % 16 != 0 || p->max_ctas < 0 || p->reserved != 0 ||
       (p->epilogue == MOEKIT_EPILOGUE_SWIGLU && p->n % 16 != 0) ||
       (p->epilogue == MOEKIT_EPILOGUE_ROW_SCALE && (p->row_map == nullptr || p->row_weights == nullptr)) ||
       p->implementation < MOEKIT_GEMM_WGMMA || p->implementation > MOEKIT_GEMM_WGMMA_PAIRS ||

@@ -49,8 +49,11 @@ typedef struct moekit_grouped_gemm_params {
   int32_t epilogue;            /* MOEKIT_EPILOGUE_*                                            */
   int32_t out_dtype;           /* MOEKIT_DTYPE_BF16 or MOEKIT_DTYPE_F32                        */
   int32_t implementation;      /* MOEKIT_GEMM_*                                                */
+  int32_t max_ctas;            /* at most this many CTAs of the persistent WGMMA kernel (leaving
+                                  SMs to concurrent work, e.g. communication kernels); 0: one per SM */
+  int32_t reserved;            /* 0                                                            */
 } moekit_grouped_gemm_params;
-MOEKIT_STATIC_ASSERT(sizeof(moekit_grouped_gemm_params) == 144, "moekit_grouped_gemm_params layout");
+MOEKIT_STATIC_ASSERT(sizeof(moekit_grouped_gemm_params) == 152, "moekit_grouped_gemm_params layout");
 
 MOEKIT_EXTERN_C moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p, moekit_stream stream);
 
