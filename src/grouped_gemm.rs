@@ -81,7 +81,8 @@ pub struct GemmProblem<'a> {
     /// At most this many CTAs of the persistent WGMMA kernel (it runs one per SM); 0: one per
     /// SM. Leaves SMs to concurrent work on other streams (communication kernels of expert
     /// parallelism, for instance): the kernel claims its tiles dynamically, so fewer CTAs only
-    /// take longer, and the output bits do not change.
+    /// take longer, and the output bits do not change (2-CTA clusters run as many whole pairs as
+    /// fit under the cap; a cap of 1 runs single CTAs instead).
     pub max_ctas: usize,
 }
 

@@ -611,8 +611,9 @@ fn banded_experts_against_the_oracle() {
 }
 
 /// A grid capped at a few CTAs (leaving SMs to concurrent work) changes which CTA runs a tile,
-/// never its bits: 3 and 7 CTAs against the default launch (single folding CTAs at K = 4096, the
-/// heuristic's choice at K = 2048), and the default against the oracle.
+/// never its bits: 3 and 7 CTAs against the default launch (single folding CTAs and 2-CTA pairs at
+/// K = 4096, the heuristic's choice at K = 2048), and the default against the oracle; pairs
+/// capped at 1 CTA run single CTAs (against the oracle).
 #[test]
 fn capped_grids_keep_the_bits() {
     let Some(ctx) = gpu("capped_grids_keep_the_bits") else {
@@ -629,6 +630,7 @@ fn capped_grids_keep_the_bits() {
     let rows = cfg.max_rows();
     for (k, imp) in [
         (4096, Implementation::WgmmaSingle),
+        (4096, Implementation::WgmmaPairs),
         (2048, Implementation::Wgmma),
     ] {
         let x =
@@ -664,7 +666,15 @@ fn capped_grids_keep_the_bits() {
                 let got = download(s, &got);
                 assert!(
                     got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "K={k} N={n} swiglu={swiglu}: {label} differs from the default launch (seed {seed})"
+                    "K={k} N={n} swiglu={swiglu} {imp:?}: {label} differs from the default launch (seed {seed})"
+                );
+            }
+            if imp == Implementation::WgmmaPairs {
+                let (err, _) =
+                    wgmma_vs_oracle(s, &mut plan, problem().max_ctas(1), &x, &w, rows * n_out);
+                assert!(
+                    err < 1e-2,
+                    "K={k} N={n} swiglu={swiglu}: pairs capped at 1 CTA vs oracle {err:.3e} (seed {seed})"
                 );
             }
         }

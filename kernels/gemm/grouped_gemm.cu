@@ -116,6 +116,8 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   const int cols_per_tile = kEpilogue == MOEKIT_EPILOGUE_SWIGLU ? BN / 2 : BN;
   const int64_t max_work = tile_bound(p) * ceil_div(a.n_out, cols_per_tile) * a.split_k;
   if constexpr (kCluster > 1) {
+    // A cap under one cluster: the caller's single CTAs instead.
+    if (p.max_ctas > 0 && p.max_ctas < kCluster) return MOEKIT_ERR_UNSUPPORTED;
     // As many clusters as fit at once (a GPC with an odd SM count leaves one SM out), at most one
     // per tile pair; asked once per device (-1: the query failed or none fit, and the caller
     // falls back to single CTAs).
@@ -144,7 +146,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
     }
     if (clusters < 1) return MOEKIT_ERR_UNSUPPORTED;
     MOEKIT_TRY(cudaMemsetAsync(p.tile_counter, 0, sizeof(int32_t), stream));
-    const int64_t cap = p.max_ctas > 0 ? std::max<int64_t>(1, p.max_ctas / kCluster) : clusters;
+    const int64_t cap = p.max_ctas > 0 ? p.max_ctas / kCluster : clusters;
     cfg.gridDim = dim3(kCluster * (unsigned)std::max<int64_t>(
                                       1, std::min<int64_t>({(int64_t)clusters, cap, ceil_div(max_work, kCluster)})));
     MOEKIT_TRY(cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_y, map_xf, a));
