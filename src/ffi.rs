@@ -17,7 +17,7 @@ include!(concat!(env!("OUT_DIR"), "/moekit_ffi.rs"));
 const _: () = assert!(core::mem::size_of::<moekit_copy_params>() == 24);
 const _: () = assert!(core::mem::size_of::<moekit_gating_params>() == 96);
 const _: () = assert!(core::mem::size_of::<moekit_plan_params>() == 144);
-const _: () = assert!(core::mem::size_of::<moekit_permute_params>() == 96);
+const _: () = assert!(core::mem::size_of::<moekit_permute_params>() == 104);
 const _: () = assert!(core::mem::size_of::<moekit_combine_params>() == 80);
 const _: () = assert!(core::mem::size_of::<moekit_grouped_gemm_params>() == 152);
 const _: () = assert!(core::mem::size_of::<moekit_mla_decompress_params>() == 192);

@@ -1,12 +1,14 @@
-//! A whole routing step (gating → plan → permute → combine), and an MLA step (fresh tokens →
-//! paged decompression), captured in a CUDA graph and replayed on new inputs, equal eager
-//! execution: nothing synchronizes with the host or bakes in a size.
+//! A whole routing step (gating → plan → permute → combine), the phased permute, and an MLA step
+//! (fresh tokens → paged decompression), captured in a CUDA graph and replayed on new inputs,
+//! equal eager execution: nothing synchronizes with the host or bakes in a size.
 //! Its own test binary, because it turns off cudarc's cross-stream event tracking for the context.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::bf16;
 use moekit::gating::{topk_gating, GatingConfig, GatingInputs};
-use moekit::permute::{combine, permute, CombineInputs, PlanConfig, RoutingPlan};
+use moekit::permute::{
+    combine, permute, permute_using, CombineInputs, CopyKernel, PlanConfig, RoutingPlan,
+};
 use moekit::testing::{gpu, normal_vec, rng};
 
 #[test]
@@ -82,6 +84,61 @@ fn captured_routing_step_replays_like_eager() {
         "graph replay differs from eager execution"
     );
     assert!(eager.iter().any(|v| v.to_f32() != 0.0));
+}
+
+/// The phased permute (a cooperative grid with a grid barrier between its rounds) captured once
+/// and replayed three times on new rows: each replay equals the warp kernel run eagerly, so the
+/// barrier word is left ready by every replay.
+#[test]
+fn captured_phased_permute_replays_like_eager() {
+    let Some(ctx) = gpu("captured_phased_permute_replays_like_eager") else {
+        return;
+    };
+    // SAFETY: as in the routing test: one stream for everything.
+    unsafe { ctx.cuda().disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    // At most 512 / k = 16 rows per CTA and round: 5000 tokens take 3 rounds on 132 SMs.
+    let (t, e, k, h) = (5000usize, 64usize, 32usize, 64usize);
+    let mut r = rng(13);
+    let ids: Vec<i32> =
+        moekit::testing::routing(&mut r, t, k, e, moekit::testing::Routing::Uniform);
+    let d_ids = s.clone_htod(&ids).unwrap();
+    let mut plan = RoutingPlan::new(&s, PlanConfig::new(t, k, e).align(8)).unwrap();
+    plan.build(&s, &d_ids, t).unwrap();
+    let rows = plan.config().max_rows();
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let mut x = s.alloc_zeros::<bf16>(t * h).unwrap();
+    let mut xp = s.clone_htod(&vec![bf16::from_f32(-5.0); rows * h]).unwrap();
+    let mut xp_eager = s.clone_htod(&vec![bf16::from_f32(-5.0); rows * h]).unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    permute_using(&s, &plan, h, &x, &mut xp, None, CopyKernel::Phased).unwrap();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    for replay in 0..3 {
+        s.memcpy_htod(&to_bf16(&normal_vec(&mut r, t * h, 1.0)), &mut x)
+            .unwrap();
+        graph.launch().unwrap();
+        permute_using(
+            &s,
+            &plan,
+            h,
+            &x,
+            &mut xp_eager,
+            None,
+            CopyKernel::WarpPerToken,
+        )
+        .unwrap();
+        let (got, want) = (s.clone_dtoh(&xp).unwrap(), s.clone_dtoh(&xp_eager).unwrap());
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "replay {replay} differs from the warp kernel"
+        );
+    }
 }
 
 #[test]

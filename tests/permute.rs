@@ -327,17 +327,23 @@ fn check_permute<T>(
         xp[total * hidden..].iter().all(|v| *v == poison),
         "{what}: wrote past the padded total"
     );
-    // Each kernel on its own writes the same rows (the bulk one only where rows are 16-byte
-    // multiples on 16-byte bases and no scales move; elsewhere it is refused).
+    // Each kernel on its own writes the same rows (the bulk and phased ones only where rows are
+    // 16-byte multiples on 16-byte bases and no scales move; elsewhere they are refused). The
+    // phased one twice: its grid-barrier word must be left ready for the next launch.
     if scales.is_none() {
         let bulk_ok = (hidden * std::mem::size_of::<T>()) % 16 == 0;
-        for kernel in [CopyKernel::WarpPerToken, CopyKernel::Bulk] {
+        for kernel in [
+            CopyKernel::WarpPerToken,
+            CopyKernel::Bulk,
+            CopyKernel::Phased,
+            CopyKernel::Phased,
+        ] {
             let mut d_xp2 = s.clone_htod(&vec![poison; rows * hidden]).unwrap();
             let res = permute_using(s, &plan, hidden, &d_x, &mut d_xp2, None, kernel);
-            if kernel == CopyKernel::Bulk && !bulk_ok {
+            if kernel != CopyKernel::WarpPerToken && !bulk_ok {
                 assert!(
                     matches!(res, Err(Error::Unsupported { .. })),
-                    "{what}: bulk permute of {hidden}-element rows: {res:?}"
+                    "{what}: {kernel:?} permute of {hidden}-element rows: {res:?}"
                 );
                 continue;
             }
@@ -466,6 +472,21 @@ fn permute_moves_rows_exactly() {
         bf16::from_f32(-77.0),
         "bf16 H=4096 T=1100 k=8 (streaming stores)",
     );
+    // The phased kernel over several grid-wide rounds (it takes at most 512 / k = 16 rows per
+    // CTA, so 5000 tokens are 3 rounds on 132 SMs), padded segments, and a local expert range
+    // whose other slots are not placed.
+    for (range, what) in [(0..64, "all experts"), (8..40, "local experts 8..40")] {
+        let x: Vec<bf16> = normal(5000 * 64).into_iter().map(bf16::from_f32).collect();
+        check_permute(
+            &ctx,
+            &PlanConfig::new(5000, 32, 64).align(16).local_experts(range),
+            64,
+            None,
+            x,
+            bf16::from_f32(-77.0),
+            &format!("bf16 H=64 T=5000 k=32 (phased rounds), {what}"),
+        );
+    }
     // E = 1, k = 1: every token to the one expert
     let x = normal(50 * 64);
     check_permute(
@@ -603,6 +624,12 @@ fn check_combine<Y: Element, O: Element>(
             "{what}: {kernel:?} differs from the launcher's choice"
         );
     }
+    // The phased kernel is the permute's only.
+    let res = run(CopyKernel::Phased);
+    assert!(
+        matches!(res, Err(Error::Unsupported { .. })),
+        "{what}: phased combine: {res:?}"
+    );
 }
 
 #[test]

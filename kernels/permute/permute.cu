@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "device/grid_barrier.cuh"
 #include "device/launch.cuh"
 #include "device/load.cuh"
 #include "device/sm90.cuh"
@@ -194,6 +195,174 @@ moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   return last_launch_status();
 }
 
+
+// ---- The phased permute (MOEKIT_COPY_PHASED) -------------------------------------------------
+//
+// Why phases: the permute's writes alone (1.88 GB scattered at DeepSeek-V3 T = 16384, no reads)
+// run at 4.31 TB/s and sequential writes at 4.38, yet with its 235 MB of reads mixed in the warp
+// kernel takes 557 us instead of ~490: the DRAM turns the bus around for the trickle of reads
+// inside the write stream (memcpy, half reads, runs 4.25 TB/s; the driver's memset 4.55). Here one
+// CTA per SM (a cooperative launch, so all are resident) works in rounds: every CTA loads its share
+// of the round's token rows into shared memory with one bulk copy, writes their k copies from
+// there, and waits at a grid barrier, so the GPU's reads arrive together and then its writes.
+// Within a round a CTA writes its copies in ascending destination row, so the CTAs, moving in step,
+// sweep the expert segments together instead of writing all of them at once. Measured (H200,
+// scripts/probe_permute_sweep.cu, BENCHMARKS.md run 37, us, warp kernel -> phased, 14 rows per
+// CTA): T = 16384 556.7-557.0 -> 524.9-525.9 (no barrier 549-550, no sort 532), T = 4096
+// 137.6-137.7 -> 135.8-136.3; double-buffered chunks without the barrier 565-568.
+constexpr int kPhasedThreads = 512;
+// Dynamic shared memory for the rows (the static arrays below take ~6 KB of the 227 KB).
+constexpr int kPhasedRowBytes = 220 * 1024;
+
+// Rounds: tokens [T*r/rounds, T*(r+1)/rounds), split evenly over the CTAs (at most rows_cap each,
+// which the launcher's choice of rounds guarantees); a CTA's copies are at most rows_cap * top_k
+// <= kPhasedThreads, one key per thread.
+__global__ void __launch_bounds__(kPhasedThreads, 1)
+    permute_phased_kernel(const moekit_permute_params p, const int rounds, const int sort) {
+  extern __shared__ __align__(128) unsigned char rows_smem[];
+  __shared__ uint64_t loaded;
+  __shared__ __align__(16) unsigned keys[kPhasedThreads];  // destination rows; unplaced: 0xffffffff
+  __shared__ int sorted_dst[kPhasedThreads];
+  __shared__ int sorted_src[kPhasedThreads];  // a row of rows_smem
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    sm90::mbar_init(&loaded, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  const unsigned char *x = static_cast<const unsigned char *>(p.x);
+  unsigned char *xp = static_cast<unsigned char *>(p.xp);
+  const int row_bytes = (int)p.row_bytes;
+  const int n_vec = row_bytes / 16;
+  // This CTA's tokens of round r.
+  auto share = [&](int r, int64_t &t0, int &rows) {
+    const int64_t lo = p.tokens * r / rounds, hi = p.tokens * (r + 1) / rounds;
+    t0 = lo + (hi - lo) * blockIdx.x / gridDim.x;
+    rows = (int)(lo + (hi - lo) * (blockIdx.x + 1) / gridDim.x - t0);
+  };
+  // The first round's keys; each later round's are loaded before the barrier that precedes it.
+  int64_t t0;
+  int rows;
+  share(0, t0, rows);
+  unsigned key = tid < rows * p.top_k ? (unsigned)__ldg(p.inverse_map + t0 * p.top_k + tid) : 0xffffffffu;
+  uint32_t load_parity = 0;  // of `loaded`, which completes once per round with rows
+  for (int r = 0; r < rounds; ++r) {
+    if (tid == 0 && rows > 0) {
+      const uint32_t bytes = (uint32_t)rows * (uint32_t)row_bytes;
+      sm90::mbar_arrive_expect_tx(&loaded, bytes);
+      sm90::bulk_load(rows_smem, x + t0 * p.row_bytes, bytes, &loaded);
+    }
+    const int n = rows * p.top_k;
+    keys[tid] = key;  // past the n copies: 0xffffffff, which the vector loads below may read
+    __syncthreads();
+    // Rank of this thread's copy among the placed ones: by destination row, or in slot order.
+    const bool placed = key != 0xffffffffu;
+    if (placed) {
+      int rank = 0;
+      if (sort) {
+        const uint4 *k4 = reinterpret_cast<const uint4 *>(keys);
+        for (int m = 0; m < (n + 3) / 4; ++m) {
+          const uint4 v = k4[m];
+          rank += (v.x < key) + (v.y < key) + (v.z < key) + (v.w < key);
+        }
+      } else {
+        for (int m = 0; m < tid; ++m) rank += keys[m] != 0xffffffffu;
+      }
+      sorted_dst[rank] = (int)key;
+      sorted_src[rank] = tid / p.top_k;
+    }
+    const int copies = __syncthreads_count(placed);
+    if (rows > 0) {
+      sm90::mbar_wait(&loaded, load_parity);
+      load_parity ^= 1u;
+    }
+    // Copies in sorted order, the CTA's threads over (copy, vector) pairs: thread tid takes pair
+    // tid, tid + kPhasedThreads, ... (rows of fewer vectors than threads keep every thread busy).
+    int q = tid / n_vec, v = tid - q * n_vec;
+    while (q < copies) {
+      const uint4 val = *reinterpret_cast<const uint4 *>(rows_smem + sorted_src[q] * row_bytes + v * 16);
+      st_streaming(reinterpret_cast<uint4 *>(xp + (int64_t)sorted_dst[q] * p.row_bytes) + v, val);
+      v += kPhasedThreads;
+      while (v >= n_vec) {
+        v -= n_vec;
+        ++q;
+      }
+    }
+    if (r + 1 < rounds) {
+      share(r + 1, t0, rows);
+      key = tid < rows * p.top_k ? (unsigned)__ldg(p.inverse_map + t0 * p.top_k + tid) : 0xffffffffu;
+      // Every CTA's stores issued (and this CTA's reads of rows_smem and keys done) before any
+      // CTA's next loads.
+      grid_barrier(p.grid_barrier, gridDim.x);
+    }
+  }
+  // The padding rows, one warp per (expert, padding slot) candidate, as permute_kernel does.
+  const int lane = tid & 31;
+  const int64_t warps = (int64_t)gridDim.x * (kPhasedThreads / 32);
+  const int64_t pads = (int64_t)p.num_local * (p.align - 1);
+  for (int64_t f = blockIdx.x * (int64_t)(kPhasedThreads / 32) + tid / 32; f < pads; f += warps) {
+    const int e = (int)(f / (p.align - 1));
+    const int r = __ldg(p.expert_offsets + e) + __ldg(p.expert_counts + e) + (int)(f % (p.align - 1));
+    if (r < __ldg(p.expert_offsets + e + 1)) zero_row<16>(xp + (int64_t)r * p.row_bytes, n_vec, lane);
+  }
+}
+
+// The phased kernel's most rows per CTA and round for p (0: it cannot run): what shared memory
+// holds, at most kPhasedThreads / top_k (one key per thread), MOEKIT_PERMUTE_PHASE_ROWS if smaller.
+static int phased_rows_cap(const moekit_permute_params &p) {
+  static const int forced = env_switch("MOEKIT_PERMUTE_PHASE_ROWS", 0);
+  int cap = (int)std::min<int64_t>(kPhasedRowBytes / p.row_bytes, kPhasedThreads / p.top_k);
+  if (forced > 0) cap = std::min(cap, forced);
+  return cap;
+}
+
+// UNSUPPORTED where the kernel cannot run: no barrier word, rows over what shared memory holds, or
+// a cooperative grid that does not fit (an MPS client with fewer SMs, say).
+moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
+  const int cap = phased_rows_cap(p);
+  if (p.grid_barrier == nullptr || cap < 1 || p.row_bytes > INT32_MAX / 2) return MOEKIT_ERR_UNSUPPORTED;
+  static const int sort = env_switch("MOEKIT_PERMUTE_PHASE_SORT", 1);
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), p.tokens));
+  const int64_t rounds = std::max<int64_t>(1, ceil_div(p.tokens, (int64_t)grid * cap));
+  if (rounds > INT32_MAX) return MOEKIT_ERR_UNSUPPORTED;
+  const size_t smem = (size_t)cap * (size_t)p.row_bytes;
+  MOEKIT_TRY(allow_dynamic_smem(permute_phased_kernel, smem));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3(kPhasedThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;  // every CTA resident at once: the grid barrier needs it
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, permute_phased_kernel, p, (int)rounds, sort != 0 ? 1 : 0);
+  if (e == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
+  return to_status(e);
+}
+
+// Whether AUTO runs the phased kernel (where it can): for k >= 4 copies of at least 96 MiB. The
+// phases pay where writes dominate and the rounds are long enough to amortize their barriers.
+// Measured (H200, BENCHMARKS.md run 37 call 5, us, warp kernel -> phased, 2 rounds):
+//   DeepSeek-V3 (14 KB rows, k = 8)  T = 2048 69.2-69.6 -> 69.4, T = 4096 137.6-137.8 -> 136.1-136.2,
+//                                    T = 16384 555.7-557.0 -> 526.1-526.6
+//   Qwen3 (4 KB rows, k = 8)         T = 2048 21.4 -> 21.8 (64 MiB of copies), T = 4096 39.3-39.5 ->
+//                                    38.9-39.0, T = 16384 159.3-159.5 -> 151.6-152.4
+//   Mixtral (8 KB rows, k = 2)       T = 2048 15.9 -> 16.3, T = 4096 29.8-30.0 -> 31.8-32.0,
+//                                    T = 16384 106.3 -> 112.0-112.3 (a third of the traffic is reads)
+// Fewer rows per CTA lose (7 at most: DeepSeek-V3 T = 16384 551, Qwen3 190), and so does writing
+// the copies in slot order instead of by destination (DeepSeek-V3 T = 16384 533-534).
+// MOEKIT_PERMUTE_PHASED=0/1 forces the choice (A/B timing).
+static bool use_phased(const moekit_permute_params &p) {
+  static const int forced = env_switch("MOEKIT_PERMUTE_PHASED", -1);
+  if (forced == 0 || forced == 1) return forced == 1;
+  return p.top_k >= 4 && p.tokens * p.top_k * p.row_bytes >= (96ll << 20);
+}
+
 }  // namespace permute
 }  // namespace moekit
 
@@ -211,9 +380,17 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
       ((reinterpret_cast<uintptr_t>(p->x_scales) | reinterpret_cast<uintptr_t>(p->xp_scales)) % 4 != 0)) {
     return MOEKIT_ERR_INVALID_ARGUMENT;
   }
-  if (p->kernel < MOEKIT_COPY_AUTO || p->kernel > MOEKIT_COPY_BULK) return MOEKIT_ERR_INVALID_ARGUMENT;
+  if (p->kernel < MOEKIT_COPY_AUTO || p->kernel > MOEKIT_COPY_PHASED) return MOEKIT_ERR_INVALID_ARGUMENT;
   const bool bulk_ok = bits % 16 == 0 && p->scale_bytes == 0;
   if (p->kernel == MOEKIT_COPY_BULK) return bulk_ok ? run_bulk(*p, stream) : MOEKIT_ERR_UNSUPPORTED;
+  if (p->kernel == MOEKIT_COPY_PHASED) {
+    if (!bulk_ok) return MOEKIT_ERR_UNSUPPORTED;
+    return p->tokens == 0 ? MOEKIT_OK : run_phased(*p, stream);
+  }
+  if (p->kernel == MOEKIT_COPY_AUTO && bulk_ok && p->tokens > 0 && use_phased(*p)) {
+    const moekit_status phased = run_phased(*p, stream);
+    if (phased != MOEKIT_ERR_UNSUPPORTED) return phased;
+  }
   // Auto: the bulk kernel while permute_kernel would have fewer token blocks than SMs. Measured
   // (H200, BENCHMARKS.md run 14, warp -> bulk): T = 128 DeepSeek-V3 19.3 -> 7.9 us, Qwen3 8.5 -> 5.3,
   // Mixtral 6.6 -> 4.7; T = 4096 DeepSeek-V3 151 -> 154, Qwen3 40.8 -> 51.0, Mixtral 31.2 -> 30.6.

@@ -663,11 +663,15 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
                 ("", CopyKernel::Auto),
                 ("-warp", CopyKernel::WarpPerToken),
                 ("-bulk", CopyKernel::Bulk),
+                ("-phased", CopyKernel::Phased),
             ] {
                 let name = format!("{model}/T{t}/permute{suffix}");
                 v.push(CaseSpec::new(name.clone(), move |ctx| {
                     permute_case(ctx, &name, t, e, k, h, kernel)
                 }));
+                if kernel == CopyKernel::Phased {
+                    continue; // permute only
+                }
                 let name = format!("{model}/T{t}/combine{suffix}");
                 v.push(CaseSpec::new(name.clone(), move |ctx| {
                     combine_case(ctx, &name, t, e, k, h, kernel)

@@ -14,7 +14,7 @@
 
 /* Bumped whenever a params struct, a launcher signature or a workspace size changes; the Rust side checks that the
  * linked library reports the version its bindings were generated for. */
-#define MOEKIT_ABI_VERSION 8
+#define MOEKIT_ABI_VERSION 9
 
 /* A CUDA stream. Same type as cudaStream_t and CUstream (struct CUstream_st *), declared here so
  * that bindgen never has to parse CUDA's headers. */

@@ -48,6 +48,9 @@ MOEKIT_EXTERN_C moekit_status moekit_routing_plan(const moekit_plan_params *p, m
 #define MOEKIT_COPY_WARP 1  /* one warp per token, 16-byte (or narrower) loads and stores: any row */
 #define MOEKIT_COPY_BULK 2  /* one block per (token, row chunk), bulk copies through shared memory: rows
                              * 16-byte aligned multiples, no scales; MOEKIT_ERR_UNSUPPORTED otherwise */
+#define MOEKIT_COPY_PHASED 3 /* permute only: one cooperative CTA per SM, reads and writes in grid-wide
+                              * phases (rows 16-byte aligned multiples, no scales, a grid_barrier word);
+                              * MOEKIT_ERR_UNSUPPORTED otherwise, and from combine */
 
 typedef struct moekit_permute_params {
   const void *x;              /* [tokens, row_bytes] token rows */
@@ -64,8 +67,10 @@ typedef struct moekit_permute_params {
   int32_t num_local;
   int32_t align;
   int32_t kernel;             /* MOEKIT_COPY_* */
+  uint32_t *grid_barrier;     /* [1] zero before the first use, or NULL (no phased kernel); every launch leaves
+                               * it as it needs it; launches sharing a word must be stream-ordered */
 } moekit_permute_params;
-MOEKIT_STATIC_ASSERT(sizeof(moekit_permute_params) == 96, "moekit_permute_params layout");
+MOEKIT_STATIC_ASSERT(sizeof(moekit_permute_params) == 104, "moekit_permute_params layout");
 
 /* xp[inverse_map[t*top_k+s]] = x[t] for every placed assignment; padding rows become zeros. */
 MOEKIT_EXTERN_C moekit_status moekit_permute(const moekit_permute_params *p, moekit_stream stream);
