@@ -20,7 +20,7 @@
 //! always takes the bulk kernel where the rows allow it (H200, DeepSeek-V3 T = 4096: 129 µs
 //! against 180, 96% of the copy bandwidth); permute takes the bulk kernel while the warp kernel
 //! would leave SMs idle (T = 128: 7.8 µs against 19.2) and the phased one for k ≥ 4 copies of at
-//! least 96 MiB (DeepSeek-V3 T = 16384: 526 µs against 556, 94% of memcpy).
+//! least 96 MiB (DeepSeek-V3 T = 16384: 527 µs against 551, 94% of memcpy).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -469,7 +469,7 @@ pub enum CopyKernel {
     /// Permute only: one CTA per SM (a cooperative launch) moving the tokens in grid-wide rounds,
     /// each CTA reading its share of a round's rows into shared memory and then writing their
     /// copies in destination order, so that the DRAM sees reads and writes in separate phases
-    /// (5% faster than the warp kernel at DeepSeek-V3 T = 16384). Needs what [`CopyKernel::Bulk`]
+    /// (4.5% faster than the warp kernel at DeepSeek-V3 T = 16384). Needs what [`CopyKernel::Bulk`]
     /// needs; [`Error::Unsupported`] otherwise, from [`combine`], or where the GPU cannot hold the
     /// whole grid at once (an MPS client with fewer SMs).
     Phased,

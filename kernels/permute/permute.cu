@@ -207,23 +207,33 @@ moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
 // there, and waits at a grid barrier, so the GPU's reads arrive together and then its writes.
 // Within a round a CTA writes its copies in ascending destination row, so the CTAs, moving in step,
 // sweep the expert segments together instead of writing all of them at once. Measured (H200,
-// scripts/probe_permute_sweep.cu, BENCHMARKS.md run 37, us, warp kernel -> phased, 14 rows per
-// CTA): T = 16384 556.7-557.0 -> 524.9-525.9 (no barrier 549-550, no sort 532), T = 4096
-// 137.6-137.7 -> 135.8-136.3; double-buffered chunks without the barrier 565-568.
+// BENCHMARKS.md run 37 call 9, bench_report, 3 rounds, us, warp kernel -> phased): DeepSeek-V3
+// T = 16384 550.6-551.3 -> 526.2-527.4 (8 rounds of 16 rows per CTA; 94% of memcpy), T = 4096
+// 136.3-136.7 -> 132.0-132.8 (2 rounds; 3 rounds of 15 rows: 136.4-136.9). A prototype
+// (scripts/probe_permute_phased.cu's history, call 4) without the barrier ran 549-550 at
+// T = 16384, without the sort 532, and double-buffered chunks without either 565-568.
 constexpr int kPhasedThreads = 512;
-// Dynamic shared memory for the rows (the static arrays below take ~6 KB of the 227 KB).
-constexpr int kPhasedRowBytes = 220 * 1024;
+// Dynamic shared memory: the rows, then three arrays of keys_len words (the copies' destination
+// rows, and their sorted destinations and sources); under the 227 KB a block may use, less a KB
+// for the static barrier and alignment.
+constexpr int kPhasedSmemBytes = 232448 - 1024;
+__host__ __device__ inline int phased_keys_len(int rows_cap, int top_k) { return (rows_cap * top_k + 3) / 4 * 4; }
+inline size_t phased_smem_bytes(int rows_cap, int64_t row_bytes, int top_k) {
+  return (size_t)rows_cap * (size_t)row_bytes + 3 * sizeof(int) * (size_t)phased_keys_len(rows_cap, top_k);
+}
 
 // Rounds: tokens [T*r/rounds, T*(r+1)/rounds), split evenly over the CTAs (at most rows_cap each,
 // which the launcher's choice of rounds guarantees); a CTA's copies are at most rows_cap * top_k
 // <= kPhasedThreads, one key per thread.
 __global__ void __launch_bounds__(kPhasedThreads, 1)
-    permute_phased_kernel(const moekit_permute_params p, const int rounds, const int sort) {
-  extern __shared__ __align__(128) unsigned char rows_smem[];
+    permute_phased_kernel(const moekit_permute_params p, const int rounds, const int rows_cap, const int sort) {
+  extern __shared__ __align__(128) unsigned char rows_smem[];  // [rows_cap][row_bytes], then the arrays
   __shared__ uint64_t loaded;
-  __shared__ __align__(16) unsigned keys[kPhasedThreads];  // destination rows; unplaced: 0xffffffff
-  __shared__ int sorted_dst[kPhasedThreads];
-  __shared__ int sorted_src[kPhasedThreads];  // a row of rows_smem
+  const int keys_len = phased_keys_len(rows_cap, p.top_k);
+  // 16-byte aligned (row_bytes is a multiple of 16) for the vector loads of the ranking.
+  unsigned *keys = reinterpret_cast<unsigned *>(rows_smem + (size_t)rows_cap * p.row_bytes);  // unplaced: ~0
+  int *sorted_dst = reinterpret_cast<int *>(keys + keys_len);
+  int *sorted_src = sorted_dst + keys_len;  // a row of rows_smem
   const int tid = threadIdx.x;
   if (tid == 0) {
     sm90::mbar_init(&loaded, 1);
@@ -253,7 +263,7 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
       sm90::bulk_load(rows_smem, x + t0 * p.row_bytes, bytes, &loaded);
     }
     const int n = rows * p.top_k;
-    keys[tid] = key;  // past the n copies: 0xffffffff, which the vector loads below may read
+    if (tid < keys_len) keys[tid] = key;  // past the n copies: ~0, which the vector loads may read
     __syncthreads();
     // Rank of this thread's copy among the placed ones: by destination row, or in slot order.
     const bool placed = key != 0xffffffffu;
@@ -309,9 +319,12 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
 
 // The phased kernel's most rows per CTA and round for p (0: it cannot run): what shared memory
 // holds, at most kPhasedThreads / top_k (one key per thread), MOEKIT_PERMUTE_PHASE_ROWS if smaller.
+// DeepSeek-V3's 14 KB rows: 16 (15 until the arrays moved to dynamic memory, which took T = 4096
+// from 3 rounds to 2 and T = 16384 from 9 to 8).
 static int phased_rows_cap(const moekit_permute_params &p) {
   static const int forced = env_switch("MOEKIT_PERMUTE_PHASE_ROWS", 0);
-  int cap = (int)std::min<int64_t>(kPhasedRowBytes / p.row_bytes, kPhasedThreads / p.top_k);
+  int cap = (int)std::min<int64_t>(kPhasedSmemBytes / p.row_bytes, kPhasedThreads / p.top_k);
+  while (cap > 0 && phased_smem_bytes(cap, p.row_bytes, p.top_k) > (size_t)kPhasedSmemBytes) --cap;
   if (forced > 0) cap = std::min(cap, forced);
   return cap;
 }
@@ -325,7 +338,7 @@ moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), p.tokens));
   const int64_t rounds = std::max<int64_t>(1, ceil_div(p.tokens, (int64_t)grid * cap));
   if (rounds > INT32_MAX) return MOEKIT_ERR_UNSUPPORTED;
-  const size_t smem = (size_t)cap * (size_t)p.row_bytes;
+  const size_t smem = phased_smem_bytes(cap, p.row_bytes, p.top_k);
   MOEKIT_TRY(allow_dynamic_smem(permute_phased_kernel, smem));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)grid);
@@ -337,7 +350,7 @@ moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, permute_phased_kernel, p, (int)rounds, sort != 0 ? 1 : 0);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, permute_phased_kernel, p, (int)rounds, cap, sort != 0 ? 1 : 0);
   if (e == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();
     return MOEKIT_ERR_UNSUPPORTED;
@@ -347,9 +360,10 @@ moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
 
 // Whether AUTO runs the phased kernel (where it can): for k >= 4 copies of at least 96 MiB. The
 // phases pay where writes dominate and the rounds are long enough to amortize their barriers.
-// Measured (H200, BENCHMARKS.md run 37 call 5, us, warp kernel -> phased, 2 rounds):
-//   DeepSeek-V3 (14 KB rows, k = 8)  T = 2048 69.2-69.6 -> 69.4, T = 4096 137.6-137.8 -> 136.1-136.2,
-//                                    T = 16384 555.7-557.0 -> 526.1-526.6
+// Measured (H200, BENCHMARKS.md run 37 call 5, us, warp kernel -> phased, 2 rounds, at 15 rows
+// per CTA for DeepSeek-V3; call 9 has the 16 rows that landed):
+//   DeepSeek-V3 (14 KB rows, k = 8)  T = 2048 69.2-69.6 -> 69.4, T = 4096 137.6-137.8 -> 136.1-136.2
+//                                    (16 rows: 132.0-132.8), T = 16384 555.7-557.0 -> 526.1-526.6
 //   Qwen3 (4 KB rows, k = 8)         T = 2048 21.4 -> 21.8 (64 MiB of copies), T = 4096 39.3-39.5 ->
 //                                    38.9-39.0, T = 16384 159.3-159.5 -> 151.6-152.4
 //   Mixtral (8 KB rows, k = 2)       T = 2048 15.9 -> 16.3, T = 4096 29.8-30.0 -> 31.8-32.0,
