@@ -471,7 +471,9 @@ pub enum CopyKernel {
     /// copies in destination order, so that the DRAM sees reads and writes in separate phases
     /// (4.5% faster than the warp kernel at DeepSeek-V3 T = 16384). Needs what [`CopyKernel::Bulk`]
     /// needs; [`Error::Unsupported`] otherwise, from [`combine`], or where the GPU cannot hold the
-    /// whole grid at once (an MPS client with fewer SMs).
+    /// whole grid at once (an MPS client with fewer SMs). Its grid barrier uses a word of the
+    /// plan: permutes of one plan run one after another (in stream order, as every use of a plan
+    /// does), never concurrently on two streams.
     Phased,
 }
 
