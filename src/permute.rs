@@ -23,7 +23,7 @@
 //! least 96 MiB (DeepSeek-V3 T = 16384: 527 µs against 551, 94% of memcpy).
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -197,9 +197,11 @@ pub struct RoutingPlan {
     /// bits zero again.
     grid_barrier: CudaSlice<u32>,
     /// The phased permute's grid-barrier word ([`CopyKernel::Phased`]): zero at allocation; every
-    /// permute leaves its low 31 bits zero again. Permutes of one plan are stream-ordered (the
-    /// documented use), so no two of them hold it at once.
-    permute_barrier: CudaSlice<u32>,
+    /// permute leaves its low 31 bits zero again. Every permute of the plan takes it as written
+    /// (`device_ptr_mut`, behind the mutex because permutes borrow the plan shared), so cudarc's
+    /// event tracking orders permutes of one plan on different streams instead of letting two
+    /// grids arrive at the same barrier.
+    permute_barrier: Mutex<CudaSlice<u32>>,
     /// Scratch of the grouped GEMM: the counter its CTAs claim tiles from.
     pub(crate) gemm_tile_counter: CudaSlice<i32>,
     /// Scratch of the grouped GEMM's split-K partial sums (one-expert plans only, such as the
@@ -234,9 +236,11 @@ impl RoutingPlan {
             grid_barrier: stream
                 .alloc_zeros::<u32>(1)
                 .during("allocating the routing plan")?,
-            permute_barrier: stream
-                .alloc_zeros::<u32>(1)
-                .during("allocating the routing plan")?,
+            permute_barrier: Mutex::new(
+                stream
+                    .alloc_zeros::<u32>(1)
+                    .during("allocating the routing plan")?,
+            ),
             gemm_tile_counter: alloc(1)?,
             gemm_partials: stream
                 .alloc_zeros::<f32>(if cfg.num_local() == 1 {
@@ -472,8 +476,8 @@ pub enum CopyKernel {
     /// (4.5% faster than the warp kernel at DeepSeek-V3 T = 16384). Needs what [`CopyKernel::Bulk`]
     /// needs; [`Error::Unsupported`] otherwise, from [`combine`], or where the GPU cannot hold the
     /// whole grid at once (an MPS client with fewer SMs). Its grid barrier uses a word of the
-    /// plan: permutes of one plan run one after another (in stream order, as every use of a plan
-    /// does), never concurrently on two streams.
+    /// plan, so permutes of one plan never overlap: on different streams, cudarc's event tracking
+    /// orders them (with tracking disabled, order them yourself).
     Phased,
 }
 
@@ -570,9 +574,15 @@ pub fn permute_using<T: DeviceRepr>(
     let (inverse, _g2) = plan.inverse_map.device_ptr(stream);
     let (counts, _g3) = plan.expert_counts.device_ptr(stream);
     let (offsets, _g4) = plan.expert_offsets.device_ptr(stream);
-    // Written by the phased kernel, but left as it found it (the low 31 bits zero): scratch whose
-    // value no caller observes, so a read guard orders it like the plan's other buffers.
-    let (barrier, _g5) = plan.permute_barrier.device_ptr(stream);
+    // Written by the phased kernel's grid barrier: a write guard, so that a permute of this plan
+    // on another stream waits for this one (two grids on one word could release each other's
+    // barriers early or, interleaved, leave a CTA waiting forever). A poisoned lock still holds a
+    // valid word: the kernels, not the host, change it.
+    let mut barrier_word = plan
+        .permute_barrier
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (barrier, _g5) = barrier_word.device_ptr_mut(stream);
     let (s_in, s_out) = match scales.as_mut() {
         Some(RowScales { input, output, .. }) => (
             Some(input.device_ptr(stream)),

@@ -500,6 +500,32 @@ fn permute_moves_rows_exactly() {
     );
 }
 
+/// DeepSeek-V3 rows through the launcher's choice at a size where it takes the phased kernel
+/// (k >= 4 and 505 MB of copies: 3 rounds of at most 16 rows per CTA on 132 SMs, rows of 896
+/// vectors that the 512 threads do not divide, the keys right behind 224 KB of rows), padded
+/// segments. (Named for the sanitizer runs' `--skip deepseek_v3`: too large to instrument.)
+#[test]
+fn permute_deepseek_v3_rows_through_the_phased_kernel() {
+    let Some(ctx) = gpu("permute_deepseek_v3_rows_through_the_phased_kernel") else {
+        return;
+    };
+    let mut r = rng(fresh_seed());
+    let (t, h) = (4400, 7168);
+    let x: Vec<bf16> = normal_vec(&mut r, t * h, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    check_permute(
+        &ctx,
+        &PlanConfig::new(t, 8, 256).align(16),
+        h,
+        None,
+        x,
+        bf16::from_f32(-77.0),
+        "bf16 H=7168 T=4400 k=8 (phased by the launcher)",
+    );
+}
+
 #[test]
 fn permute_from_a_misaligned_view() {
     let Some(ctx) = gpu("permute_from_a_misaligned_view") else {

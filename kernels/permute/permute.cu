@@ -214,8 +214,8 @@ moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
 // T = 16384, without the sort 532, and double-buffered chunks without either 565-568.
 constexpr int kPhasedThreads = 512;
 // Dynamic shared memory: the rows, then three arrays of keys_len words (the copies' destination
-// rows, and their sorted destinations and sources); under the 227 KB a block may use, less a KB
-// for the static barrier and alignment.
+// rows, and their sorted destinations and sources); under the 227 KB an sm_90 block may use, with
+// 1 KB of headroom for the static part (the 8-byte mbarrier: 128 bytes by ptxas).
 constexpr int kPhasedSmemBytes = 232448 - 1024;
 __host__ __device__ inline int phased_keys_len(int rows_cap, int top_k) { return (rows_cap * top_k + 3) / 4 * 4; }
 inline size_t phased_smem_bytes(int rows_cap, int64_t row_bytes, int top_k) {
@@ -258,6 +258,9 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
   uint32_t load_parity = 0;  // of `loaded`, which completes once per round with rows
   for (int r = 0; r < rounds; ++r) {
     if (tid == 0 && rows > 0) {
+      // The previous round's generic reads of rows_smem (ordered before this thread by the
+      // barrier) before the async proxy's writes to it.
+      if (r > 0) sm90::fence_proxy_async_shared();
       const uint32_t bytes = (uint32_t)rows * (uint32_t)row_bytes;
       sm90::mbar_arrive_expect_tx(&loaded, bytes);
       sm90::bulk_load(rows_smem, x + t0 * p.row_bytes, bytes, &loaded);
@@ -339,7 +342,10 @@ moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
   const int64_t rounds = std::max<int64_t>(1, ceil_div(p.tokens, (int64_t)grid * cap));
   if (rounds > INT32_MAX) return MOEKIT_ERR_UNSUPPORTED;
   const size_t smem = phased_smem_bytes(cap, p.row_bytes, p.top_k);
-  MOEKIT_TRY(allow_dynamic_smem(permute_phased_kernel, smem));
+  if (allow_dynamic_smem(permute_phased_kernel, smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // a device with less shared memory per block: another kernel
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)grid);
   cfg.blockDim = dim3(kPhasedThreads);
@@ -401,15 +407,17 @@ extern "C" moekit_status moekit_permute(const moekit_permute_params *p, moekit_s
     if (!bulk_ok) return MOEKIT_ERR_UNSUPPORTED;
     return p->tokens == 0 ? MOEKIT_OK : run_phased(*p, stream);
   }
-  if (p->kernel == MOEKIT_COPY_AUTO && bulk_ok && p->tokens > 0 && use_phased(*p)) {
-    const moekit_status phased = run_phased(*p, stream);
-    if (phased != MOEKIT_ERR_UNSUPPORTED) return phased;
-  }
+
   // Auto: the bulk kernel while permute_kernel would have fewer token blocks than SMs. Measured
   // (H200, BENCHMARKS.md run 14, warp -> bulk): T = 128 DeepSeek-V3 19.3 -> 7.9 us, Qwen3 8.5 -> 5.3,
   // Mixtral 6.6 -> 4.7; T = 4096 DeepSeek-V3 151 -> 154, Qwen3 40.8 -> 51.0, Mixtral 31.2 -> 30.6.
   if (p->kernel == MOEKIT_COPY_AUTO && bulk_ok && moekit::ceil_div(p->tokens, (int64_t)kWarps) < moekit::sm_count()) {
     return run_bulk(*p, stream);
+  }
+  // Auto, past the bulk kernel's range: the phased kernel where use_phased says it pays.
+  if (p->kernel == MOEKIT_COPY_AUTO && bulk_ok && use_phased(*p)) {
+    const moekit_status phased = run_phased(*p, stream);
+    if (phased != MOEKIT_ERR_UNSUPPORTED) return phased;
   }
   if (bits % 16 == 0) {
     // 8 vectors per lane in flight: qwen3 T=4096 40 us against 45 with 4 (2: 45); DeepSeek-V3

@@ -67,8 +67,8 @@ typedef struct moekit_permute_params {
   int32_t num_local;
   int32_t align;
   int32_t kernel;             /* MOEKIT_COPY_* */
-  uint32_t *grid_barrier;     /* [1] zero before the first use, or NULL (no phased kernel); every launch leaves
-                               * it as it needs it; launches sharing a word must be stream-ordered */
+  uint32_t *grid_barrier;     /* [1] low 31 bits zero before the first use, or NULL (no phased kernel); every
+                               * launch leaves it as it needs it; launches sharing a word must not overlap */
 } moekit_permute_params;
 MOEKIT_STATIC_ASSERT(sizeof(moekit_permute_params) == 104, "moekit_permute_params layout");
 
