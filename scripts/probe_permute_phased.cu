@@ -19,11 +19,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <random>
 #include <vector>
 
 #include "../kernels/permute/permute.cu"
+#include "probe_permute_common.cuh"
 #include "probe_timing.cuh"
 
 namespace probe {
@@ -107,45 +106,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 
-__global__ void count_diff(const uint4 *a, const uint4 *b, int64_t n, unsigned long long *diff) {
-  unsigned long long d = 0;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const uint4 u = a[i], v = b[i];
-    d += (u.x != v.x) | (u.y != v.y) | (u.z != v.z) | (u.w != v.w);
-  }
-  if (d) atomicAdd(diff, d);
-}
-
-struct Routing {
-  std::vector<int> inverse_map, counts, offsets;
-};
-
-// Each token picks top_k distinct experts: uniformly, or among the first `only` experts.
-Routing route(int64_t tokens, int top_k, int experts, int only, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int> ids(tokens * top_k);
-  const int pool = only > 0 ? only : experts;
-  std::vector<int> perm(pool);
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int e = 0; e < pool; ++e) perm[e] = e;
-    for (int j = 0; j < top_k; ++j) {
-      std::uniform_int_distribution<int> d(j, pool - 1);
-      std::swap(perm[j], perm[d(rng)]);
-      ids[t * top_k + j] = perm[j];
-    }
-  }
-  Routing r;
-  r.counts.assign(experts, 0);
-  for (int id : ids) r.counts[id]++;
-  r.offsets.assign(experts + 1, 0);
-  for (int e = 0; e < experts; ++e) r.offsets[e + 1] = r.offsets[e] + r.counts[e];
-  std::vector<int> fill(r.offsets.begin(), r.offsets.end() - 1);
-  r.inverse_map.resize(tokens * top_k);
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int j = 0; j < top_k; ++j) r.inverse_map[t * top_k + j] = fill[ids[t * top_k + j]]++;
-  return r;
-}
-
 }  // namespace probe
 
 int main() {
@@ -186,32 +146,10 @@ int main() {
         for (size_t i = 0; i < h.size(); ++i) h[i] = (uint32_t)(i * 2654435761u);
         CK(cudaMemcpy(x, h.data(), x_bytes * copies, cudaMemcpyHostToDevice));
       }
-      unsigned long long *diff;
-      CK(cudaMalloc(&diff, sizeof(unsigned long long)));
-      const Routing r = route(tokens, m.top_k, m.experts, 0, 11);
-      int *inv, *counts, *offsets;
-      CK(cudaMalloc(&inv, r.inverse_map.size() * 4));
-      CK(cudaMalloc(&counts, m.experts * 4));
-      CK(cudaMalloc(&offsets, (m.experts + 1) * 4));
-      CK(cudaMemcpy(inv, r.inverse_map.data(), r.inverse_map.size() * 4, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(counts, r.counts.data(), m.experts * 4, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(offsets, r.offsets.data(), (m.experts + 1) * 4, cudaMemcpyHostToDevice));
+      const DeviceRouting routing = upload_uniform_routing(tokens, m.top_k, m.experts, 11);
       int rot = 0;
       auto crate = [&](uint8_t *out, int kernel) {
-        moekit_permute_params p{};
-        p.x = x + (rot++ % copies) * x_bytes;
-        p.xp = out;
-        p.inverse_map = inv;
-        p.expert_counts = counts;
-        p.expert_offsets = offsets;
-        p.tokens = tokens;
-        p.row_bytes = row_bytes;
-        p.top_k = m.top_k;
-        p.num_local = m.experts;
-        p.align = 1;
-        p.kernel = kernel;
-        p.grid_barrier = barrier_word;
-        CK((cudaError_t)moekit_permute(&p, 0));
+        run_permute(routing, x + (rot++ % copies) * x_bytes, out, row_bytes, kernel, barrier_word);
       };
       const bool dsv3 = m.experts == 256;
       auto sweep = [&](uint8_t *out) {  // the double-buffered chunks, no barrier (dsv3 rows only)
@@ -219,7 +157,7 @@ int main() {
         const int64_t chunks = (tokens + rows - 1) / rows;
         const uint8_t *xs = x + (rot++ % copies) * x_bytes;
         sweep_kernel<512><<<(int)std::min<int64_t>(sms, chunks), 512, (size_t)rows * 2 * row_bytes>>>(
-            xs, out, inv, tokens, row_bytes, m.top_k, rows, 2, 1);
+            xs, out, routing.inverse_map, tokens, row_bytes, m.top_k, rows, 2, 1);
         CK(cudaGetLastError());
       };
       CK(cudaMemset(xp_ref, 0xff, xp_bytes));
@@ -229,11 +167,7 @@ int main() {
         CK(cudaMemset(xp, 0xff, xp_bytes));
         rot = 0;
         if (variant == 0) crate(xp, MOEKIT_COPY_PHASED); else sweep(xp);
-        CK(cudaMemset(diff, 0, 8));
-        count_diff<<<1024, 256>>>(reinterpret_cast<uint4 *>(xp), reinterpret_cast<uint4 *>(xp_ref), xp_bytes / 16,
-                                  diff);
-        unsigned long long d = 0;
-        CK(cudaMemcpy(&d, diff, 8, cudaMemcpyDeviceToHost));
+        const unsigned long long d = differing_vectors(xp, xp_ref, xp_bytes);
         printf("%s T=%lld %s: %llu differing vectors\n", m.name, (long long)tokens, variant ? "sweep" : "phased", d);
         if (d) return 1;
       }
@@ -252,13 +186,10 @@ int main() {
           printf("    %.1f GB/s\n", floor_bytes / us / 1e3);
         }
       }
-      CK(cudaFree(inv));
-      CK(cudaFree(counts));
-      CK(cudaFree(offsets));
+      free_routing(routing);
       CK(cudaFree(x));
       CK(cudaFree(xp));
       CK(cudaFree(xp_ref));
-      CK(cudaFree(diff));
     }
   }
   return 0;

@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <random>
 #include <vector>
 
 #include "../kernels/permute/permute.cu"
+#include "probe_permute_common.cuh"
 #include "probe_timing.cuh"
 
 namespace probe {
@@ -118,15 +118,6 @@ __global__ void __launch_bounds__(256) pipelined_permute(const uint4 *__restrict
   }
 }
 
-__global__ void count_diff(const uint4 *a, const uint4 *b, int64_t n, unsigned long long *diff) {
-  unsigned long long d = 0;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const uint4 u = a[i], v = b[i];
-    d += (u.x != v.x) | (u.y != v.y) | (u.z != v.z) | (u.w != v.w);
-  }
-  if (d) atomicAdd(diff, d);
-}
-
 }  // namespace probe
 
 int main() {
@@ -163,27 +154,8 @@ int main() {
   // The permute at DeepSeek-V3 shapes: with its reads (the crate kernel) and without (constants).
   const int experts = 256, top_k = 8, row_bytes = 14336, row_vec = row_bytes / 16;
   for (int64_t tokens : {4096, 16384}) {
-    std::mt19937 rng(11);
-    std::vector<int> ids(tokens * top_k), counts(experts, 0), offsets(experts + 1, 0), perm(experts);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int e = 0; e < experts; ++e) perm[e] = e;
-      for (int j = 0; j < top_k; ++j) {
-        std::uniform_int_distribution<int> d(j, experts - 1);
-        std::swap(perm[j], perm[d(rng)]);
-        ids[t * top_k + j] = perm[j];
-        counts[perm[j]]++;
-      }
-    }
-    for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
-    std::vector<int> fill(offsets.begin(), offsets.end() - 1), inv(tokens * top_k);
-    for (int64_t i = 0; i < tokens * top_k; ++i) inv[i] = fill[ids[i]]++;
-    int *d_inv, *d_counts, *d_offsets;
-    CK(cudaMalloc(&d_inv, inv.size() * 4));
-    CK(cudaMalloc(&d_counts, experts * 4));
-    CK(cudaMalloc(&d_offsets, (experts + 1) * 4));
-    CK(cudaMemcpy(d_inv, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_counts, counts.data(), experts * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_offsets, offsets.data(), (experts + 1) * 4, cudaMemcpyHostToDevice));
+    const DeviceRouting routing = upload_uniform_routing(tokens, top_k, experts, 11);
+    const int *d_inv = routing.inverse_map;
     const int64_t x_bytes = tokens * row_bytes, xp_bytes = x_bytes * top_k;
     const int copies = (int)std::max<int64_t>(1, (180ll << 20) / x_bytes + 1);
     uint8_t *x, *xp;
@@ -192,19 +164,7 @@ int main() {
     CK(cudaMemset(x, 3, x_bytes * copies));
     int rot = 0;
     auto crate = [&](uint8_t *out) {
-      moekit_permute_params p{};
-      p.x = x + (rot++ % copies) * x_bytes;
-      p.xp = out;
-      p.inverse_map = d_inv;
-      p.expert_counts = d_counts;
-      p.expert_offsets = d_offsets;
-      p.tokens = tokens;
-      p.row_bytes = row_bytes;
-      p.top_k = top_k;
-      p.num_local = experts;
-      p.align = 1;
-      p.kernel = MOEKIT_COPY_WARP;
-      CK((cudaError_t)moekit_permute(&p, 0));
+      run_permute(routing, x + (rot++ % copies) * x_bytes, out, row_bytes, MOEKIT_COPY_WARP, nullptr);
     };
     struct Pipe {
       int slices, blocks_per_sm;
@@ -225,8 +185,6 @@ int main() {
       CK(cudaMemcpy(x, h.data(), x_bytes * copies, cudaMemcpyHostToDevice));
       uint8_t *ref;
       CK(cudaMalloc(&ref, xp_bytes));
-      unsigned long long *diff;
-      CK(cudaMalloc(&diff, 8));
       CK(cudaMemset(ref, 0xff, xp_bytes));
       rot = 0;
       crate(ref);
@@ -234,16 +192,12 @@ int main() {
         CK(cudaMemset(xp, 0xff, xp_bytes));
         rot = 0;
         pipe(v, xp);
-        CK(cudaMemset(diff, 0, 8));
-        count_diff<<<1024, 256>>>((const uint4 *)xp, (const uint4 *)ref, xp_bytes / 16, diff);
-        unsigned long long d = 0;
-        CK(cudaMemcpy(&d, diff, 8, cudaMemcpyDeviceToHost));
+        const unsigned long long d = differing_vectors(xp, ref, xp_bytes);
         printf("T=%lld pipelined slices %d blocks/SM %d: %llu differing vectors\n", (long long)tokens, v.slices,
                v.blocks_per_sm, d);
         if (d) return 1;
       }
       CK(cudaFree(ref));
-      CK(cudaFree(diff));
     }
     for (int round = 0; round < 2; ++round) {
       for (const Pipe &v : pipes) {
@@ -254,21 +208,7 @@ int main() {
       }
       char name[96];
       snprintf(name, sizeof name, "T=%lld permute (crate kernel)", (long long)tokens);
-      gbps(x_bytes + xp_bytes, timeit(name, [&] {
-             moekit_permute_params p{};
-             p.x = x + (rot++ % copies) * x_bytes;
-             p.xp = xp;
-             p.inverse_map = d_inv;
-             p.expert_counts = d_counts;
-             p.expert_offsets = d_offsets;
-             p.tokens = tokens;
-             p.row_bytes = row_bytes;
-             p.top_k = top_k;
-             p.num_local = experts;
-             p.align = 1;
-             p.kernel = MOEKIT_COPY_WARP;
-             CK((cudaError_t)moekit_permute(&p, 0));
-           }, 30));
+      gbps(x_bytes + xp_bytes, timeit(name, [&] { crate(xp); }, 30));
       snprintf(name, sizeof name, "T=%lld scatter, no reads", (long long)tokens);
       gbps(xp_bytes, timeit(name, [&] {
              scatter_const<<<(unsigned)(tokens * 2 / 8), 256>>>((uint4 *)xp, d_inv, tokens, top_k, row_vec, 9);
@@ -280,9 +220,7 @@ int main() {
     }
     CK(cudaFree(x));
     CK(cudaFree(xp));
-    CK(cudaFree(d_inv));
-    CK(cudaFree(d_counts));
-    CK(cudaFree(d_offsets));
+    free_routing(routing);
   }
   return 0;
 }

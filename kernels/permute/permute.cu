@@ -56,6 +56,14 @@ __device__ __forceinline__ void scatter_row(const unsigned char *src, unsigned c
   }
 }
 
+// The permuted row of padding candidate f (expert f / (align - 1), its (f % (align - 1))-th row past
+// the expert's routed rows), or -1 when that expert's segment has fewer padding rows.
+__device__ __forceinline__ int padding_row(const moekit_permute_params &p, int64_t f) {
+  const int e = (int)(f / (p.align - 1));
+  const int r = __ldg(p.expert_offsets + e) + __ldg(p.expert_counts + e) + (int)(f % (p.align - 1));
+  return r < __ldg(p.expert_offsets + e + 1) ? r : -1;
+}
+
 template <int VW>
 __device__ __forceinline__ void zero_row(unsigned char *dst, int64_t n_vec, int lane) {
   Bytes<VW> z;
@@ -100,9 +108,8 @@ __global__ void __launch_bounds__(kBlockWarps * 32)
   const int64_t f = (blockIdx.x - token_blocks) * kBlockWarps + warp;
   const int64_t pads = (int64_t)p.num_local * (p.align - 1);
   if (f >= pads) return;
-  const int e = (int)(f / (p.align - 1));
-  const int r = __ldg(p.expert_offsets + e) + __ldg(p.expert_counts + e) + (int)(f % (p.align - 1));
-  if (r >= __ldg(p.expert_offsets + e + 1)) return;
+  const int r = padding_row(p, f);
+  if (r < 0) return;
   zero_row<VW>(static_cast<unsigned char *>(p.xp) + r * p.row_bytes, n_vec, lane);
   if (scale_words > 0) zero_row<4>(static_cast<unsigned char *>(p.xp_scales) + r * p.scale_bytes, scale_words, lane);
 }
@@ -195,7 +202,6 @@ moekit_status run(const moekit_permute_params &p, moekit_stream stream) {
   return last_launch_status();
 }
 
-
 // ---- The phased permute (MOEKIT_COPY_PHASED) -------------------------------------------------
 //
 // Why phases: the permute's writes alone (1.88 GB scattered at DeepSeek-V3 T = 16384, no reads)
@@ -244,17 +250,18 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
   unsigned char *xp = static_cast<unsigned char *>(p.xp);
   const int row_bytes = (int)p.row_bytes;
   const int n_vec = row_bytes / 16;
-  // This CTA's tokens of round r.
-  auto share = [&](int r, int64_t &t0, int &rows) {
+  // This CTA's tokens of round r, [t0, t0 + rows), and this thread's key among their copies
+  // (~0 past them). The first round's now; each later round's before the barrier that precedes it.
+  int64_t t0;
+  int rows;
+  unsigned key;
+  auto share = [&](int r) {
     const int64_t lo = p.tokens * r / rounds, hi = p.tokens * (r + 1) / rounds;
     t0 = lo + (hi - lo) * blockIdx.x / gridDim.x;
     rows = (int)(lo + (hi - lo) * (blockIdx.x + 1) / gridDim.x - t0);
+    key = tid < rows * p.top_k ? (unsigned)__ldg(p.inverse_map + t0 * p.top_k + tid) : 0xffffffffu;
   };
-  // The first round's keys; each later round's are loaded before the barrier that precedes it.
-  int64_t t0;
-  int rows;
-  share(0, t0, rows);
-  unsigned key = tid < rows * p.top_k ? (unsigned)__ldg(p.inverse_map + t0 * p.top_k + tid) : 0xffffffffu;
+  share(0);
   uint32_t load_parity = 0;  // of `loaded`, which completes once per round with rows
   for (int r = 0; r < rounds; ++r) {
     if (tid == 0 && rows > 0) {
@@ -302,8 +309,7 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
       }
     }
     if (r + 1 < rounds) {
-      share(r + 1, t0, rows);
-      key = tid < rows * p.top_k ? (unsigned)__ldg(p.inverse_map + t0 * p.top_k + tid) : 0xffffffffu;
+      share(r + 1);
       // Every CTA's stores issued (and this CTA's reads of rows_smem and keys done) before any
       // CTA's next loads.
       grid_barrier(p.grid_barrier, gridDim.x);
@@ -314,9 +320,8 @@ __global__ void __launch_bounds__(kPhasedThreads, 1)
   const int64_t warps = (int64_t)gridDim.x * (kPhasedThreads / 32);
   const int64_t pads = (int64_t)p.num_local * (p.align - 1);
   for (int64_t f = blockIdx.x * (int64_t)(kPhasedThreads / 32) + tid / 32; f < pads; f += warps) {
-    const int e = (int)(f / (p.align - 1));
-    const int r = __ldg(p.expert_offsets + e) + __ldg(p.expert_counts + e) + (int)(f % (p.align - 1));
-    if (r < __ldg(p.expert_offsets + e + 1)) zero_row<16>(xp + (int64_t)r * p.row_bytes, n_vec, lane);
+    const int r = padding_row(p, f);
+    if (r >= 0) zero_row<16>(xp + (int64_t)r * p.row_bytes, n_vec, lane);
   }
 }
 
@@ -333,10 +338,10 @@ static int phased_rows_cap(const moekit_permute_params &p) {
 }
 
 // UNSUPPORTED where the kernel cannot run: no barrier word, rows over what shared memory holds, or
-// a cooperative grid that does not fit (an MPS client with fewer SMs, say).
+// a cooperative grid that does not fit (launch_cooperative).
 moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
   const int cap = phased_rows_cap(p);
-  if (p.grid_barrier == nullptr || cap < 1 || p.row_bytes > INT32_MAX / 2) return MOEKIT_ERR_UNSUPPORTED;
+  if (p.grid_barrier == nullptr || cap < 1) return MOEKIT_ERR_UNSUPPORTED;  // cap >= 1: rows under 227 KB
   static const int sort = env_switch("MOEKIT_PERMUTE_PHASE_SORT", 1);
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), p.tokens));
   const int64_t rounds = std::max<int64_t>(1, ceil_div(p.tokens, (int64_t)grid * cap));
@@ -346,22 +351,8 @@ moekit_status run_phased(const moekit_permute_params &p, moekit_stream stream) {
     (void)cudaGetLastError();  // a device with less shared memory per block: another kernel
     return MOEKIT_ERR_UNSUPPORTED;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(kPhasedThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;  // every CTA resident at once: the grid barrier needs it
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, permute_phased_kernel, p, (int)rounds, cap, sort != 0 ? 1 : 0);
-  if (e == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();
-    return MOEKIT_ERR_UNSUPPORTED;
-  }
-  return to_status(e);
+  return launch_cooperative(permute_phased_kernel, dim3((unsigned)grid), dim3(kPhasedThreads), smem, stream, p,
+                            (int)rounds, cap, sort != 0 ? 1 : 0);
 }
 
 // Whether AUTO runs the phased kernel (where it can): for k >= 4 copies of at least 96 MiB. The

@@ -317,23 +317,9 @@ static moekit_status launch_plan_grid(const moekit_plan_params &p, int64_t n_ass
 
   const size_t smem = sizeof(int) * grid_smem_ints(num_local);
   MOEKIT_TRY(allow_dynamic_smem(plan_grid_kernel, smem));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)ctas);
-  cfg.blockDim = dim3(kGridThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;  // every CTA resident at once: the grid barrier needs it
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, plan_grid_kernel, p, (int)n_assign, num_local, per_lane, n_chunks,
-                                           p.grid_barrier, rank_id_bits(num_local));
-  if (e == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();  // e.g. an MPS client with fewer SMs: the three kernels instead
-    return MOEKIT_ERR_UNSUPPORTED;
-  }
-  return to_status(e);
+  // UNSUPPORTED when the grid cannot be resident at once: the three kernels instead.
+  return launch_cooperative(plan_grid_kernel, dim3((unsigned)ctas), dim3(kGridThreads), smem, stream, p,
+                            (int)n_assign, num_local, per_lane, n_chunks, p.grid_barrier, rank_id_bits(num_local));
 }
 
 }  // namespace plan

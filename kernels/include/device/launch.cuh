@@ -75,6 +75,20 @@ inline int env_switch(const char *name, int unset) {
   return v == nullptr ? unset : atoi(v);
 }
 
+// Launches `kernel` with one launch attribute (launch_dependent, launch_cooperative).
+template <typename... Params, typename... Args>
+inline cudaError_t launch_with_attribute(cudaLaunchAttribute attr, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                         size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // Launches `kernel` as a programmatic dependent of the previous kernel on the stream: its blocks
 // may be scheduled while that kernel finishes (hiding the launch latency, ~2 us each), and must
 // call wait_for_previous_grid() before reading what the previous kernel wrote. Captured into CUDA
@@ -82,17 +96,28 @@ inline int env_switch(const char *name, int unset) {
 template <typename... Params, typename... Args>
 inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                                     cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return launch_with_attribute(attr, kernel, grid, block, smem, stream, args...);
+}
+
+// Launches `kernel` as a cooperative grid, every block resident at once (what a grid barrier,
+// grid_barrier.cuh, needs); captured into CUDA graphs like any launch. MOEKIT_ERR_UNSUPPORTED when
+// the device cannot hold the grid (an MPS client with fewer SMs, say): the caller runs another
+// kernel.
+template <typename... Params, typename... Args>
+inline moekit_status launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                        cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  const cudaError_t e = launch_with_attribute(attr, kernel, grid, block, smem, stream, args...);
+  if (e == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return MOEKIT_ERR_UNSUPPORTED;
+  }
+  return to_status(e);
 }
 
 // Device side of launch_dependent: blocks until the previous grid has completed and its writes are
