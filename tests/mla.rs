@@ -106,15 +106,25 @@ fn host(ctx: &Context, buf: &CudaSlice<bf16>) -> Vec<f32> {
 
 /// Decompresses contiguous rows (dense outputs); returns K and V on the host.
 fn run_contiguous(ctx: &Context, inp: &Inputs, imp: Implementation) -> (Vec<f32>, Vec<f32>) {
+    let mut ws = MlaWorkspace::new(ctx.stream(), &inp.dims, inp.tokens).unwrap();
+    run_contiguous_with(ctx, inp, imp, &mut ws)
+}
+
+/// [`run_contiguous`] with the caller's workspace (kept across calls).
+fn run_contiguous_with(
+    ctx: &Context,
+    inp: &Inputs,
+    imp: Implementation,
+    ws: &mut MlaWorkspace,
+) -> (Vec<f32>, Vec<f32>) {
     let s = ctx.stream();
     let d = inp.dims;
     let cache = upload(s, &to_bf16(&inp.cache_rows())).unwrap();
     let w = s.clone_htod(&to_bf16(&inp.w)).unwrap();
     let p = DecompressProblem::new(d, inp.tokens).implementation(imp);
     let (mut k, mut v) = outputs(ctx, &p, 0);
-    let mut ws = MlaWorkspace::new(s, &d, inp.tokens).unwrap();
     let source = LatentSource::cache_rows(&cache, &d);
-    decompress(s, &p, &source, &w, &mut k, &mut v, &mut ws).unwrap();
+    decompress(s, &p, &source, &w, &mut k, &mut v, ws).unwrap();
     let (k, v) = (host(ctx, &k), host(ctx, &v));
     let kn = inp.tokens * d.heads * d.k_head_dim();
     let vn = inp.tokens * d.heads * d.v_head_dim;
@@ -445,6 +455,56 @@ fn decompress_paged_with(
     let kn = tokens * dims.heads * dims.k_head_dim();
     let vn = tokens * dims.heads * dims.v_head_dim;
     (host(ctx, &k)[..kn].to_vec(), host(ctx, &v)[..vn].to_vec())
+}
+
+/// One workspace through a run of calls of different sizes and sources. The kernel's tile queue
+/// lives in the workspace: a contiguous call launches the kernel alone, which must leave the queue
+/// at zero for the next call whatever ran before it (grids under and at the SM count, a head count
+/// that leaves CTAs one tile, the paged path with its own kernel first).
+#[test]
+fn gpu_decompress_calls_share_one_workspace() {
+    let Some(ctx) = gpu("gpu_decompress_calls_share_one_workspace") else {
+        return;
+    };
+    let max_tokens = 700;
+    let seed = fresh_seed();
+    let mut ws = MlaWorkspace::new(ctx.stream(), &MlaDims::deepseek_v3(128), max_tokens).unwrap();
+    for (i, (heads, tokens, paged_call)) in [
+        (16, 300, false),
+        (128, 140, false),
+        (1, 1, false),
+        (16, 259, true),
+        (128, 130, false),
+        (8, 690, false),
+        (128, 140, true),
+        (16, 700, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = MlaDims::deepseek_v3(heads);
+        let inp = Inputs::new(d, tokens, seed + i as u64);
+        let what = format!("call {i}: H={heads} T={tokens} paged={paged_call} seed={seed}");
+        let (k, v) = if paged_call {
+            let lens = [tokens / 3, 0, tokens - tokens / 3];
+            let pg = paged(&inp.cache_rows(), d.cache_row(), &lens, 64, seed ^ i as u64);
+            let cache = ctx.stream().clone_htod(&pg.cache).unwrap();
+            decompress_paged_with(
+                &ctx,
+                d,
+                &cache,
+                &pg,
+                64,
+                tokens,
+                &inp.w,
+                Implementation::Wgmma,
+                &mut ws,
+            )
+        } else {
+            run_contiguous_with(&ctx, &inp, Implementation::Wgmma, &mut ws)
+        };
+        check_against_reference(&what, &inp, &k, &v);
+    }
 }
 
 #[test]

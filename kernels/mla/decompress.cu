@@ -168,6 +168,13 @@ __global__ void decompress_oracle_kernel(const moekit_mla_decompress_params p) {
 
 static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
+// Whether a contiguous source's call launches the decompression kernel alone (Args::
+// reset_counter). MOEKIT_MLA_PREPARE=1 launches the zeroing kernel before it, as until run 38 (A/B).
+static bool skip_prepare() {
+  static const int prepare = env_switch("MOEKIT_MLA_PREPARE", 0);
+  return prepare == 0;
+}
+
 // Whether the WGMMA kernel handles these dimensions (the Rust side reports the limits).
 static bool wgmma_supports(const moekit_mla_decompress_params &p) {
   return p.d_nope == kHeadDim && p.d_v == kHeadDim && p.d_rope <= kMaxRope && p.d_rope % 8 == 0 &&
@@ -190,6 +197,13 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
   }();
   if (registers < sm90::launch_bound_registers(kThreads)) return MOEKIT_ERR_UNSUPPORTED;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
+  if (!a.after_kernel_of_call) {
+    // The call's only kernel: an ordinary launch, which starts once the stream's previous kernel
+    // (which may write the latent) has finished.
+    kernel<<<grid, kThreads, smem, stream>>>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a);
+    MOEKIT_TRY_LAUNCH();
+    return MOEKIT_OK;
+  }
   MOEKIT_TRY(launch_dependent(kernel, dim3(grid), dim3(kThreads), smem, stream, map_w, map_a, map_k, map_v, map_kpe_in,
                               map_kpe_out, a));
   return MOEKIT_OK;
@@ -212,7 +226,7 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
     p.latent_stride = p.k_pe_stride = p.rank + p.d_rope;
     p.num_rows = p.tokens;
     p.block_table = nullptr;
-  } else {
+  } else if (p.block_table != nullptr || !skip_prepare()) {
     const int prepare_threads = 256;
     const int prepare_blocks = p.block_table != nullptr ? (int)ceil_div(p.tokens, prepare_threads) : 1;
     prepare_kernel<<<prepare_blocks, prepare_threads, 0, stream>>>(p);
@@ -240,12 +254,22 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   a.rank = p.rank;
   a.d_rope = p.d_rope;
   a.source_from_previous_grid = pregathered ? 1 : 0;
+  // The tile counter rests at zero (zeroed at allocation, and every grid leaves it so), so a
+  // contiguous source's call is one launch, the decompression kernel alone: -0.3..-0.8 us at
+  // T = 1024 (H200, BENCHMARKS.md run 38, 4 rounds each: 62.2-62.8 -> 61.9-62.3 us in call 3,
+  // 62.5-62.8 -> 61.7-62.4 in call 5) against the one-block zeroing kernel before it. Paged
+  // sources keep their kernel before it (the row table, or the gather), which zeroes the counter
+  // too.
+  a.reset_counter = 1;
+  a.after_kernel_of_call = pregathered || p.block_table != nullptr || !skip_prepare();
   // MOEKIT_MLA_GROUP=n sets the tile order's group of M tiles (decompress_sm90.cuh's kGroupM has
   // the measurements; 16 and 64 measured within noise of 32 in BENCHMARKS.md run 34 call 2).
   static const int group_m = env_switch("MOEKIT_MLA_GROUP", kGroupM);
   a.group_m = group_m > 0 ? std::min(group_m, 1 << 16) : kGroupM;  // group_m * heads fits an int
 
   const int64_t tiles = ceil_div(p.tokens, kBlockM) * p.heads;
+  // One CTA per SM. (The fewest CTAs that finish in the same number of tile rounds, 128 for the
+  // 1024 tiles of T = 1024, measured slower: 61.7-62.4 -> 63.4-64.0 us, BENCHMARKS.md run 38.)
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(sm_count(), tiles));
   // The epilogue writes K[:, :, 0:128] and V through TMA stores: tensor maps over the caller's
   // strides (multiples of 8 elements on 16-byte-aligned bases, as checked above and on the Rust

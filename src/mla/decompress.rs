@@ -120,7 +120,8 @@ impl DecompressProblem {
 
 /// Device scratch of [`decompress`]: a paged source's rows gathered contiguous (`[max_tokens,
 /// r + d_rope]` bf16, 1152 bytes per token for DeepSeek-V3), the paged row table (4 bytes per
-/// token) and the kernel's tile queue. One per stream; reused across calls.
+/// token) and the kernel's tile queue (a counter that every launch leaves at zero, so a contiguous
+/// source's call is a single kernel launch). One per stream; reused across calls.
 ///
 /// Why a gather buffer: the decompression kernel reads each latent tile once per head (128 times
 /// for DeepSeek-V3), so gathering the scattered cache rows once into this buffer and reading it
