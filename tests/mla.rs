@@ -224,6 +224,7 @@ fn gpu_decompress_large_matches_oracle() {
         return;
     };
     // T = 4099 and 8300: 33 and 65 M tiles, two and three tile groups of 32, the last of one.
+    // T <= 1024 runs the 4-stage ring, longer grids 3 stages (decompress.cu's four_stage_ring).
     for (heads, tokens) in [
         (128, 1000),
         (16, 4099),

@@ -175,6 +175,21 @@ static bool skip_prepare() {
   return prepare == 0;
 }
 
+// The contiguous source's configuration: whether the 4-stage ring (one WGMMA group in flight, one
+// staging buffer, k_pe by the producer's threads) rather than 3 stages (drained k-blocks, two
+// staging buffers, k_pe by TMA; run_wgmma describes both). With at most 8 M tiles (T <= 1024) each
+// head's W tile serves at most 8 tiles, so W streams from DRAM all through the grid, and the deeper
+// ring wins; with more, 3 stages (H200, rounds interleaved, us, 3 -> 4 stages):
+//   T = 1024, H = 128 (8 M tiles): 61.9-62.5 -> 61.8-62.1 (run 34 call 3), 62.1-62.4 ->
+//     61.3-61.6 (run 34 call 8), 62.5-63.1 -> 62.0-62.4 (run 38 call 6), 62.0-62.3 -> 61.1-61.6
+//     (run 38 call 7); paged 65.0-65.2 -> 64.4-64.7 (call 7).
+//   T = 8192, H = 128 (64 M tiles): 415.8-417.1 -> 427.0-428.1 (run 34 call 3), 422.8-423.5 ->
+//     431.6-432.5 (run 38 call 6).
+//   T = 8192, H = 16 (64 M tiles, as many tiles as T = 1024, H = 128): 61.6-62.6 -> 61.7-63.2
+//     (run 38 call 6), 62.0-62.8 -> 63.0-65.6 (call 7); H = 12: 48.3-48.8 -> 47.2-48.0,
+//     48.4-48.7 -> 47.7-48.1 (within the spread of H = 16's, which goes the other way).
+static bool four_stage_ring(int64_t m_tiles) { return m_tiles <= 8; }
+
 // Whether the WGMMA kernel handles these dimensions (the Rust side reports the limits).
 static bool wgmma_supports(const moekit_mla_decompress_params &p) {
   return p.d_nope == kHeadDim && p.d_v == kHeadDim && p.d_rope <= kMaxRope && p.d_rope % 8 == 0 &&
@@ -296,14 +311,17 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   // T = 32768 1715-1910 -> 1661-1808 (power state). Each part alone: 3 stages + drain (copier
   // threads) 423.9-424.6 at T = 8192; 3 stages + TMA k_pe (wait<1>) 427.6-428.4. (Run 19 had
   // measured 3 stages with a buffer per pass the same as 4 stages at T = 8192.)
-  // MOEKIT_MLA_STAGES=4 runs the old configuration, MOEKIT_MLA_KPE_TMA=0 the copier threads with
-  // the new one (A/B timing).
+  // Where T <= 1024 the old configuration is the faster one (four_stage_ring).
+  // MOEKIT_MLA_STAGES=3 or 4 fixes the configuration, MOEKIT_MLA_KPE_TMA=0 runs the copier threads
+  // with the new one (A/B timing).
   CUtensorMap map_a;
   if (p.block_table == nullptr && p.num_rows >= 1 &&
       make_bf16_sw128_map(&map_a, p.latent, p.num_rows, p.rank, kBlockM, p.latent_stride)) {
-    static const int stages = env_switch("MOEKIT_MLA_STAGES", 3);
+    static const int stages_switch = env_switch("MOEKIT_MLA_STAGES", 0);
     static const int kpe_tma = env_switch("MOEKIT_MLA_KPE_TMA", 1);
-    if (stages == 4) return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
+    const bool four_stages =
+        stages_switch == 3 || stages_switch == 4 ? stages_switch == 4 : four_stage_ring(ceil_div(p.tokens, kBlockM));
+    if (four_stages) return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
     // k_pe by TMA: boxes of [128 rows][64 columns] over the source's k_pe columns, stored to
     // K[t, h, 128:192].
     CUtensorMap map_kpe_in, map_kpe_out;
