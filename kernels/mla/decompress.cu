@@ -168,8 +168,8 @@ __global__ void decompress_oracle_kernel(const moekit_mla_decompress_params p) {
 
 static_assert(kBlockK == 64, "make_bf16_sw128_map reads 64-column boxes");
 
-// Whether a contiguous source's call launches the decompression kernel alone (Args::
-// reset_counter). MOEKIT_MLA_PREPARE=1 launches the zeroing kernel before it, as until run 38 (A/B).
+// Whether a contiguous source's call launches the decompression kernel alone (the kernel leaves its
+// tile counter at zero). MOEKIT_MLA_PREPARE=1 launches the zeroing kernel before it, as until run 38 (A/B).
 static bool skip_prepare() {
   static const int prepare = env_switch("MOEKIT_MLA_PREPARE", 0);
   return prepare == 0;
@@ -201,7 +201,8 @@ static bool wgmma_supports(const moekit_mla_decompress_params &p) {
 template <int kStages, int kStagingBufs, bool kTmaA, bool kKpeTma = false>
 static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &map_a, const CUtensorMap &map_k,
                                   const CUtensorMap &map_v, const CUtensorMap &map_kpe_in,
-                                  const CUtensorMap &map_kpe_out, const Args &a, int grid, moekit_stream stream) {
+                                  const CUtensorMap &map_kpe_out, const Args &a, int grid, bool dependent,
+                                  moekit_stream stream) {
   constexpr size_t smem = smem_bytes<kStages, kStagingBufs, kKpeTma>();
   auto kernel = decompress_wgmma_kernel<kStages, kStagingBufs, kTmaA, kKpeTma>;
   // The kernel's setmaxnreg split assumes the CTA's register pool of its launch bounds (384 x 168,
@@ -212,7 +213,7 @@ static moekit_status launch_wgmma(const CUtensorMap &map_w, const CUtensorMap &m
   }();
   if (registers < sm90::launch_bound_registers(kThreads)) return MOEKIT_ERR_UNSUPPORTED;
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
-  if (!a.after_kernel_of_call) {
+  if (!dependent) {
     // The call's only kernel: an ordinary launch, which starts once the stream's previous kernel
     // (which may write the latent) has finished.
     kernel<<<grid, kThreads, smem, stream>>>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a);
@@ -275,8 +276,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   // 62.5-62.8 -> 61.7-62.4 in call 5) against the one-block zeroing kernel before it. Paged
   // sources keep their kernel before it (the row table, or the gather), which zeroes the counter
   // too.
-  a.reset_counter = 1;
-  a.after_kernel_of_call = pregathered || p.block_table != nullptr || !skip_prepare();
+  // Whether a kernel of this call (the zeroing, the row table or the gather) runs first: then the
+  // decompression kernel launches as its programmatic dependent.
+  const bool dependent = pregathered || p.block_table != nullptr || !skip_prepare();
   // MOEKIT_MLA_GROUP=n sets the tile order's group of M tiles (decompress_sm90.cuh's kGroupM has
   // the measurements; 16 and 64 measured within noise of 32 in BENCHMARKS.md run 34 call 2).
   static const int group_m = env_switch("MOEKIT_MLA_GROUP", kGroupM);
@@ -321,7 +323,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
     static const int kpe_tma = env_switch("MOEKIT_MLA_KPE_TMA", 1);
     const bool four_stages =
         stages_switch == 3 || stages_switch == 4 ? stages_switch == 4 : four_stage_ring(ceil_div(p.tokens, kBlockM));
-    if (four_stages) return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
+    if (four_stages) {
+      return launch_wgmma<4, 1, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, dependent, stream);
+    }
     // k_pe by TMA: boxes of [128 rows][64 columns] over the source's k_pe columns, stored to
     // K[t, h, 128:192].
     CUtensorMap map_kpe_in, map_kpe_out;
@@ -329,12 +333,13 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
         make_bf16_sw128_map(&map_kpe_in, p.k_pe, p.num_rows, 64, kBlockM, p.k_pe_stride) &&
         make_bf16_head_block_store_map(&map_kpe_out, static_cast<__nv_bfloat16 *>(p.k) + kHeadDim, p.tokens, p.heads,
                                        p.k_head_stride, p.k_token_stride, kBlockM, 64)) {
-      return launch_wgmma<3, 2, true, true>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a, grid, stream);
+      return launch_wgmma<3, 2, true, true>(map_w, map_a, map_k, map_v, map_kpe_in, map_kpe_out, a, grid, dependent,
+                                            stream);
     }
-    return launch_wgmma<3, 2, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, stream);
+    return launch_wgmma<3, 2, true>(map_w, map_a, map_k, map_v, map_w, map_w, a, grid, dependent, stream);
   }
   // The in-kernel gather (paged caches without the gather buffer): 4 stages, its copier threads.
-  return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, map_w, map_w, a, grid, stream);
+  return launch_wgmma<4, 1, false>(map_w, map_w, map_k, map_v, map_w, map_w, a, grid, dependent, stream);
 }
 
 static moekit_status run_oracle(const moekit_mla_decompress_params &p, moekit_stream stream) {

@@ -89,12 +89,6 @@ struct Args {
   // M tiles per group of the tile order (decode_tile): kGroupM unless MOEKIT_MLA_GROUP says
   // otherwise (decompress.cu's run_wgmma).
   int group_m;
-  // The CTA whose claim is the grid's last sets the tile counter back to zero, so that the next
-  // launch finds it zeroed without a kernel before it (decompress.cu's run_wgmma says why).
-  int reset_counter;
-  // Host only: whether a kernel of the same call (the zeroing, the row table or the gather) runs
-  // before this one, which then launches as its programmatic dependent.
-  bool after_kernel_of_call;
 };
 
 // The source row of token t, or -1 for a zero row.
@@ -254,8 +248,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int t = n == 0 ? (int)blockIdx.x : (int)gridDim.x + claim;
           // Each CTA claims past the end exactly once and then stops, so the claim that returns
           // total - 1 (the last of the grid's gridDim.x claims past the end) is the counter's last
-          // use in this grid.
-          if (a.reset_counter != 0 && claim == total - 1) atomicExch(a.tile_counter, 0);
+          // use in this grid: it leaves the counter at zero for the next launch (decompress.cu's
+          // run_wgmma says why).
+          if (claim == total - 1) atomicExch(a.tile_counter, 0);
           // Hand the tile (or the stop) to the k_pe copiers.
           const uint32_t slot = n & 1, parity = (n >> 1) & 1;
           sm90::mbar_wait(&kpe_empty[slot], parity ^ 1);
@@ -370,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           claimed[iter & 1] = claim;
           // The grid's last claim past the end (one per CTA, claims from zero): the counter's last
           // use in this grid.
-          if (a.reset_counter != 0 && claim == total + (int)gridDim.x - 1) atomicExch(a.tile_counter, 0);
+          if (claim == total + (int)gridDim.x - 1) atomicExch(a.tile_counter, 0);
         }
         // Publishes the claim; the other slot is rewritten only after the next barrier, which every
         // thread reaches after reading this one.
