@@ -31,6 +31,10 @@ struct Args {
     /// Timed repetitions per case (after 5 warm-ups).
     #[arg(long, default_value_t = 50)]
     reps: usize,
+    /// Milliseconds the GPU idles before each case's warm-ups, so that a case starts from the
+    /// same power state whichever case ran before it (default: `MOEKIT_BENCH_SETTLE_MS`, else 0).
+    #[arg(long)]
+    settle_ms: Option<u64>,
 }
 
 fn main() {
@@ -61,6 +65,15 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         tokens: args.tokens.clone(),
         ..SuiteOptions::default()
     };
+    let settle_ms = match args.settle_ms {
+        Some(ms) => ms,
+        None => match std::env::var("MOEKIT_BENCH_SETTLE_MS") {
+            Ok(v) => v
+                .parse()
+                .map_err(|_| format!("MOEKIT_BENCH_SETTLE_MS={v:?} is not a whole number"))?,
+            Err(_) => 0,
+        },
+    };
     let mut roof = Roofline::default();
     println!(
         "# {}, {} SMs, {} MB L2",
@@ -79,6 +92,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let mut case = spec.build(&ctx)?;
+        if settle_ms > 0 {
+            // The build's own device work (random inputs) must finish before the idle starts.
+            ctx.stream().context().synchronize()?;
+            std::thread::sleep(std::time::Duration::from_millis(settle_ms));
+        }
         let started = unix_ms();
         let result = case.measure(5, args.reps)?;
         let ended = unix_ms();

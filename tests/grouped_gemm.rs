@@ -523,7 +523,8 @@ fn small_tiles_swapped_against_the_cpu() {
 
 /// K = 2048 (single CTAs), plain and SwiGLU bf16 outputs (the kernels with TMA stores): an expert's last tile
 /// of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded into that
-/// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`): last tiles of 1,
+/// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`; folds of at most 16
+/// rows by m64n16 on the 32-row box unless `MOEKIT_GEMM_FOLD_NARROW=0`): last tiles of 1,
 /// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 5
 /// behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160), beside ones that
 /// are not folded: 33 rows behind a full tile (161), no ragged tile (256), lone tiles of 16, 8

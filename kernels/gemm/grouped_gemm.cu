@@ -328,6 +328,19 @@ static int fold_rows() {
   return v == 16 ? 16 : 32;
 }
 
+// In the 32-row folding kernels, a fold of at most 16 rows runs m64n16 (half of an m64n32's
+// math, on the same 32-row box) instead of m64n32: under uniform routing about half the folds
+// (DeepSeek-V3: experts of 513-528 rows at T = 16384, 129-144 at T = 4096). The fold's cost is
+// mostly its W slices read again from shared memory, which stay, so it gains less than the half
+// of the fold's math. Measured (H200, BENCHMARKS.md run 39 call 1, 2 rounds, us, 0 -> 1):
+// DeepSeek-V3 T = 16384 gate+up 12448-12685 -> 12424-12457, SwiGLU 12527-12544 -> 12426-12434,
+// down 6270-6274 -> 6252-6253; T = 4096 SwiGLU 4140-4167 -> 4128-4139, down even; the T = 4096
+// layer 7236-7247 -> 7175. MOEKIT_GEMM_FOLD_NARROW=0/1 (A/B timing).
+static int fold_narrow() {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_NARROW", 1);
+  return v == 0 ? 0 : 1;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -510,6 +523,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.tall_pairs = tall_pairs();
   a.swap_small = swap_small();
   a.swap_rows = swap_rows();
+  a.fold_narrow = fold_narrow();
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

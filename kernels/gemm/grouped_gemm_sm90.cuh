@@ -86,6 +86,9 @@ struct Args {
   // grouped_gemm.cu's swap_small.
   int32_t swap_small;
   int32_t swap_rows;
+  // Folding kernels of 32 rows: a fold of at most 16 rows runs m64n16 instead of m64n32 (1 always,
+  // 0 never; grouped_gemm.cu's fold_narrow).
+  int32_t fold_narrow;
 };
 
 struct Tile {
@@ -661,17 +664,30 @@ __device__ __forceinline__ bool folded_away(const Args &a, const Tile &tile) {
 // k16 slices, the fold box's rows swapped against the two 64-row W slices of w (one m64nF
 // each). One loop of its own with its own accumulators: ptxas keeps one gsb0 per loop (a second
 // WGMMA shape under a branch of the main loop serialized every WGMMA, BENCHMARKS.md run 25).
-template <int BN, int kStages, int kFoldRows>
+//
+// kFoldN (16 or kFoldRows) is the swapped WGMMAs' N: a fold of at most 16 rows in a 32-row folding
+// kernel multiplies only the box's first 16 rows (m64n16, half the fold's math; the box still
+// holds 32 rows, its rows 16-31 unread). The m64n16 fragment is the first 8 floats of the m64n32
+// one (columns 0-15), so acc_fold keeps the 32-row layout and one epilogue_swapped serves both;
+// its columns 16-31 are zeroed here and masked there (past row_end).
+template <int BN, int kStages, int kFoldRows, int kFoldN = kFoldRows>
 __device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc_fold)[kFoldRows],
                                                const __nv_bfloat16 *sa, const __nv_bfloat16 *sb,
                                                const __nv_bfloat16 *sf, uint64_t *full, uint64_t *empty, int &stage,
                                                uint32_t &phase, int k_blocks, uint32_t a_consumer, int lane, WHalf w) {
+  static_assert(kFoldN == kFoldRows || (kFoldN == 16 && kFoldRows == 32), "a fold's N: 16, or the box's rows");
   constexpr int kTileA = kBlockM * kBlockK;
   constexpr int kTileB = BN * kBlockK;
   constexpr int kTileF = kFoldRows * kBlockK;
   constexpr int kHalf = kFoldRows / 2;
-  float(&fold0)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc_fold[0]);
-  float(&fold1)[kHalf] = *reinterpret_cast<float(*)[kHalf]>(&acc_fold[kHalf]);
+  constexpr int kHalfN = kFoldN / 2;
+  float(&fold0)[kHalfN] = *reinterpret_cast<float(*)[kHalfN]>(&acc_fold[0]);
+  float(&fold1)[kHalfN] = *reinterpret_cast<float(*)[kHalfN]>(&acc_fold[kHalf]);
+#pragma unroll
+  for (int i = kHalfN; i < kHalf; ++i) {
+    acc_fold[i] = 0.f;
+    acc_fold[kHalf + i] = 0.f;
+  }
   for (int kb = 0; kb < k_blocks; ++kb) {
     sm90::mbar_wait(&full[stage], phase);  // passes at once for kb = 0 (the caller waited)
     const uint32_t a_base = a_consumer + stage * kTileA * 2;
@@ -684,8 +700,8 @@ __device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc
       wgmma_tile<BN>(acc, sm90::desc_k_major_sw128(a_base + kk * 32), sm90::desc_k_major_sw128(b_base + kk * 32),
                      scale_d);
       const uint64_t df = sm90::desc_k_major_sw128(f_base + kk * 32);
-      wgmma_swapped<kFoldRows>(fold0, sm90::desc_k_major_sw128(b_base + w.off0 + kk * 32), df, scale_d);
-      wgmma_swapped<kFoldRows>(fold1, sm90::desc_k_major_sw128(b_base + w.off1 + kk * 32), df, scale_d);
+      wgmma_swapped<kFoldN>(fold0, sm90::desc_k_major_sw128(b_base + w.off0 + kk * 32), df, scale_d);
+      wgmma_swapped<kFoldN>(fold1, sm90::desc_k_major_sw128(b_base + w.off1 + kk * 32), df, scale_d);
     }
     sm90::wgmma_commit();
     sm90::fence_operands(acc);
@@ -919,8 +935,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kFoldRows > 0) {
         if (folds_next<kFoldRows>(tile.row0, tile.row_end)) {
           float acc_fold[kFoldRows];
-          consume_folded<BN, kStages, kFoldRows>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks,
-                                                 a_consumer, lane, w_half<BN, kEpilogue>((uint32_t)consumer));
+          const WHalf w = w_half<BN, kEpilogue>((uint32_t)consumer);
+          if (kFoldRows == 32 && a.fold_narrow != 0 && tile.row_end - (tile.row0 + kBlockM) <= 16) {
+            consume_folded<BN, kStages, kFoldRows, 16>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks,
+                                                       a_consumer, lane, w);
+          } else {
+            consume_folded<BN, kStages, kFoldRows>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks,
+                                                   a_consumer, lane, w);
+          }
           // The folded rows first: epilogue_swapped waits for earlier TMA stores to have read the
           // staging buffer, which the tile's own stores (issued last) would make it do at once.
           epilogue_swapped<kEpilogue, kFoldRows>(a, tile.row0 + kBlockM, tile.row_end, 2 * tile.col_block + consumer,
