@@ -31,11 +31,19 @@ struct Args {
     /// Timed repetitions per case (after 5 warm-ups).
     #[arg(long, default_value_t = 50)]
     reps: usize,
-    /// Milliseconds the GPU idles before each case's warm-ups, so that a case starts from the
-    /// same power state whichever case ran before it (default: `MOEKIT_BENCH_SETTLE_MS`, else 0).
+    /// Milliseconds the GPU idles before a case whose predecessor kept it busy for more than
+    /// [`HEAVY_CASE_MS`], so that a case starts from the same power state whichever case ran
+    /// before it (default: `MOEKIT_BENCH_SETTLE_MS`, else 2000; 0: never).
     #[arg(long)]
     settle_ms: Option<u64>,
 }
+
+/// A case whose timed launches span more than this many milliseconds runs the GPU at its power
+/// cap by its end (the DeepSeek-V3 layer and T = 16384 GEMMs: 0.4-0.7 s), and the case after it
+/// would start in that state: the MLA T = 1024 decompression read 63.2-64.7 us right after the
+/// layer case and 61.5-61.8 after a 2 s idle (H200, BENCHMARKS.md run 39 call 1), while cases of a
+/// few milliseconds leave nothing to settle.
+const HEAVY_CASE_MS: u64 = 100;
 
 fn main() {
     let args = Args::parse();
@@ -71,9 +79,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             Ok(v) => v
                 .parse()
                 .map_err(|_| format!("MOEKIT_BENCH_SETTLE_MS={v:?} is not a whole number"))?,
-            Err(_) => 0,
+            Err(_) => 2000,
         },
     };
+    let mut previous_span_ms = 0u64;
     let mut roof = Roofline::default();
     println!(
         "# {}, {} SMs, {} MB L2",
@@ -92,14 +101,18 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let mut case = spec.build(&ctx)?;
-        if settle_ms > 0 {
+        let settled_ms = if settle_ms > 0 && previous_span_ms > HEAVY_CASE_MS {
             // The build's own device work (random inputs) must finish before the idle starts.
             ctx.stream().context().synchronize()?;
             std::thread::sleep(std::time::Duration::from_millis(settle_ms));
-        }
+            settle_ms
+        } else {
+            0
+        };
         let started = unix_ms();
         let result = case.measure(5, args.reps)?;
         let ended = unix_ms();
+        previous_span_ms = ended.saturating_sub(started);
         drop(case);
         if is_ceiling {
             // The best measured copy (ours or the driver's memcpy) is the memory roofline.
@@ -130,6 +143,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 // the GPU's clocks and power (device-check's smi-log.csv).
                 "start_unix_ms": started,
                 "end_unix_ms": ended,
+                // The idle before the case's warm-ups (--settle-ms), 0 if none.
+                "settled_ms": settled_ms,
             }),
         );
     }

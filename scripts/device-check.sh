@@ -57,7 +57,7 @@ if has bench; then
     summary+=("anchors: rc=$?")
   fi
   a=(); [ -f "$out/torch.json" ] && a=(--anchors "$out/torch.json")
-  timeout 400 .gpu/examples/bench_report --filter "${REPORT_FILTER:-}" --json "$out/bench.json" "${a[@]}" >"$out/bench.txt" 2>&1
+  timeout 560 .gpu/examples/bench_report --filter "${REPORT_FILTER:-}" --json "$out/bench.json" "${a[@]}" >"$out/bench.txt" 2>&1
   summary+=("bench_report: rc=$?")
 fi
 if has demo; then
