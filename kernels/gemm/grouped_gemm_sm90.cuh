@@ -611,6 +611,11 @@ __device__ __forceinline__ void epilogue_swapped(const Args &a, int row0, int ro
       *reinterpret_cast<uint4 *>(y + (int64_t)r * a.n_out + col) = *reinterpret_cast<const uint4 *>(st + n * kCols + 8 * c);
     }
   }
+  // The staged epilogue (kTmaRounds = 0) of this consumer's next tile writes the buffer without a
+  // barrier first (it relies on the one that ends every epilogue): without this one, only the
+  // next tile's WGMMAs, which no memory model orders, kept those writes behind the reads above
+  // (racecheck reported it in the row-scaled pair kernel, BENCHMARKS.md run 39 call 2).
+  warpgroup_barrier(1 + consumer);
 }
 
 // Runs a tile of at most 32 rows swapped: N = 16 or 32 by its row count (`rows`; 32 only where
