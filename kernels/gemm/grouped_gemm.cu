@@ -265,9 +265,13 @@ inline int64_t mean_rows_per_expert(const moekit_grouped_gemm_params &p) {
 // since run 35; K >= 4096 too where fold_beats_pairs prefers them to pairs;
 // grouped_gemm_sm90.cuh's consume_folded): an expert's
 // last M tile of at most fold_rows() rows behind a full one runs inside that full tile instead of
-// as a tile of its own that streams a whole W tile for a few rows. A folded tile of 16 rows costs
-// ~1/4 of a tile (its m64n16 WGMMAs read the W slices from shared memory again, 2.5 KB for 1/16
-// of an m64n256's math), the small tile it replaces ~0.7. The measurements below fold 16 rows.
+// as a tile of its own that streams a whole W tile for a few rows. The fold costs more than its
+// math: its m64n16 WGMMAs read the W slices from shared memory again (2.5 KB for 1/16 of an
+// m64n256's math). Measured directly (H200, BENCHMARKS.md run 39 call 6: balanced routing with
+// every DeepSeek-V3 expert at 512 + F rows against 512, T = 16384, in tiles of one expert's
+// column block): a fold of 16 rows costs 0.31 tile at K = 2048 (down) and 0.66 at K = 7168
+// (gate+up SwiGLU), 32 rows 0.38 / 0.69; the unfolded 33-64-row tail on one consumer 0.71 / 0.76.
+// The measurements below fold 16 rows.
 // The folding kernel ran 1.4-2.6% slower than the plain one on tiles that fold nothing until its
 // producer got a k-block loop of its own for folding tiles (the fold box's predicated load in
 // every k-block of every tile was the cost, BENCHMARKS.md run 32 call 7); since then (run 33 call 1, H200, us, off -> on, 3 rounds, mean rows per

@@ -718,6 +718,7 @@ pub fn cases(opts: &SuiteOptions) -> Vec<CaseSpec> {
     let dsv3 = (e, k, h, i);
     for &t in &opts.tokens {
         for (stage, suffix) in [
+            (GemmStage::Up, "gemm-up-balanced"),
             (GemmStage::UpSwiGlu, "gemm-up-swiglu-balanced"),
             (GemmStage::Down, "gemm-down-balanced"),
         ] {
