@@ -82,7 +82,7 @@ inline int64_t tile_bound(const moekit_grouped_gemm_params &p) {
 }
 
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
-          int kTmaRounds = 0, int kFoldRows = 0, bool kWL2Hint = false>
+          int kTmaRounds = 0, int kFoldRows = 0>
 moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moekit_stream stream) {
   if (p.block_m != kBlockM) return MOEKIT_ERR_INVALID_ARGUMENT;
   CUtensorMap map_x, map_w, map_y, map_xf;
@@ -109,8 +109,7 @@ moekit_status run_wgmma(const moekit_grouped_gemm_params &p, const Args &a, moek
   } else {
     map_xf = map_x;  // unused
   }
-  auto kernel =
-      grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster, kTmaRounds, kFoldRows, kWL2Hint>;
+  auto kernel = grouped_gemm_wgmma_kernel<BN, kStages, kEpilogue, OutT, kSplitK, kCluster, kTmaRounds, kFoldRows>;
   constexpr size_t smem = smem_bytes<BN, kStages, kEpilogue, kTmaRounds, kFoldRows>();
   static_assert(smem <= 232448, "over the 227 KB of shared memory a block may use");
   MOEKIT_TRY(allow_dynamic_smem(kernel, smem));
@@ -346,18 +345,6 @@ static int fold_narrow() {
   return v == 0 ? 0 : 1;
 }
 
-// Folding kernels of 32 rows: W tiles load with L2 eviction priorities (the kernel's kWL2Hint):
-// evict_last for the earlier full tiles of an expert that folds, evict_first for its folding
-// tile, the last and slowest reader of each W k-block. The question it tests (BENCHMARKS.md run
-// 39): a fold costs 0.66 tile at K = 7168 against 0.31 at K = 2048; if the folding CTA, lagging
-// its W tile's other readers, re-reads W from DRAM at K = 7168 (~120 MB of W tiles in flight
-// against a 60 MB L2), the hints would keep those k-blocks in L2 until it has read them. Not yet
-// run on a GPU: off by default. MOEKIT_GEMM_W_L2_HINT=1 turns it on (A/B timing).
-static bool w_l2_hint() {
-  static const int v = env_switch("MOEKIT_GEMM_W_L2_HINT", 0);
-  return v == 1;
-}
-
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -445,14 +432,9 @@ moekit_status dispatch(const moekit_grouped_gemm_params &p, const Args &a, moeki
           // T = 4096 gate+up 3953-4041 / 3969-4080, SwiGLU 3983-4024 / 3935-4041, T = 16384 gate+up
           // 12315-12336 / 12273-12280, SwiGLU 12303-12310 / 12323-12337, the layer 6950-6974 /
           // 6984-7008; that instance spilled 28 bytes.)
-          moekit_status folded;
-          if (fold_rows() == 16) {
-            folded = run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
-          } else if (w_l2_hint()) {
-            folded = run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32, true>(p, a, stream);
-          } else {
-            folded = run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream);
-          }
+          const moekit_status folded = fold_rows() == 32
+                                           ? run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 32>(p, a, stream)
+                                           : run_wgmma<256, 3, kEpilogue, OutT, false, 1, 1, 16>(p, a, stream);
           if (folded != MOEKIT_ERR_UNSUPPORTED) return folded;
         }
         const moekit_status single = run_wgmma<256, kSwiglu ? 4 : 3, kEpilogue, OutT, false, 1, 1>(p, a, stream);

@@ -728,11 +728,8 @@ __device__ __forceinline__ void consume_folded(float (&acc)[BN / 2], float (&acc
 // instantiation: the extra index arithmetic cost the 128 x 256 kernels an 8-byte spill).
 // kFoldRows > 0: folded last tiles (consume_folded), single CTAs with TMA stores; map_xf is X in
 // boxes of kFoldRows rows (unused otherwise).
-// kWL2Hint (folding kernels only; grouped_gemm.cu's w_l2_hint): W tiles load with L2 eviction
-// priorities. The earlier full tiles of an expert that folds load W with evict_last, the folding
-// tile, which runs its k-blocks slower and reads each W k-block last, with evict_first.
 template <int BN, int kStages, int kEpilogue, typename OutT, bool kSplitK = false, int kCluster = 1,
-          int kTmaRounds = 0, int kFoldRows = 0, bool kWL2Hint = false>
+          int kTmaRounds = 0, int kFoldRows = 0>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                               const __grid_constant__ CUtensorMap map_y, const __grid_constant__ CUtensorMap map_xf,
@@ -750,7 +747,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16 *sb = sa + kStages * kTileA;
   __nv_bfloat16 *sf = sb + kStages * kTileB;  // [kStages][kFoldRows][64]: the fold boxes
   uint8_t *staging = reinterpret_cast<uint8_t *>(sf + kStages * kFoldRows * kBlockK);  // [kConsumers][...]
-  static_assert(!kWL2Hint || kFoldRows > 0, "W L2 hints follow the folds");
   static_assert(kFoldRows == 0 || ((kFoldRows == 16 || kFoldRows == 32) && kCluster == 1 && kTmaRounds > 0 &&
                                    BN == 256 && kEpilogue != MOEKIT_EPILOGUE_ROW_SCALE),
                 "folded last tiles: single CTAs, 128 x 256 plain or SwiGLU bf16 tiles with TMA stores, 16 or 32 rows");
@@ -833,23 +829,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (folded_away<kFoldRows>(a, tile)) continue;  // its rows ride with the tile before it
         const bool fold = folds_next<kFoldRows>(tile.row0, tile.row_end);
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
-        // kWL2Hint: the rows from this tile to the expert's end are whole tiles and a last one of
-        // at most kFoldRows rows exactly when the expert folds (the tiles start at its first row).
-        uint64_t w_policy = 0;
-        if constexpr (kWL2Hint) {
-          const int rest = tile.row_end - tile.row0, tail = rest % kBlockM;
-          const bool expert_folds = rest > kBlockM && tail > 0 && tail <= kFoldRows;
-          w_policy = fold ? sm90::l2_policy_evict_first()
-                          : (expert_folds ? sm90::l2_policy_evict_last() : sm90::l2_policy_evict_normal());
-        }
-        // One W box load of the k-loop, with the tile's L2 policy where kWL2Hint.
-        auto load_w = [&](void *dst, int kb, int row, uint64_t *bar) {
-          if constexpr (kWL2Hint) {
-            sm90::tma_load_2d_hint(dst, &map_w, kb * kBlockK, row, bar, w_policy);
-          } else {
-            sm90::tma_load_2d(dst, &map_w, kb * kBlockK, row, bar);
-          }
-        };
         const int kb_begin = kSplitK ? (t % splits) * a.kb_per_split : 0;
         const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
         // X arrives as two 64-row boxes, one per consumer; a box wholly past the expert's rows is
@@ -876,10 +855,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 &full[stage]);
             }
             if constexpr (kEpilogue == MOEKIT_EPILOGUE_SWIGLU) {
-              load_w(sb + stage * kTileB, kb, w_row, &full[stage]);
-              load_w(sb + stage * kTileB + (BN / 2) * kBlockK, kb, w_row + a.n / 2, &full[stage]);
+              sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
+              sm90::tma_load_2d(sb + stage * kTileB + (BN / 2) * kBlockK, &map_w, kb * kBlockK, w_row + a.n / 2,
+                                &full[stage]);
             } else {
-              load_w(sb + stage * kTileB, kb, w_row, &full[stage]);
+              sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
             }
             if constexpr (kWithFold) {
               sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, tile.row0 + kBlockM,

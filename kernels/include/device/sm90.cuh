@@ -100,36 +100,6 @@ __device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap *map, i
       : "memory");
 }
 
-// tma_load_2d with an L2 eviction priority for the bytes it reads (an l2_policy_* value): which
-// lines the L2 gives up first when it must make room.
-__device__ __forceinline__ void tma_load_2d_hint(void *dst, const CUtensorMap *map, int32_t c0, int32_t c1,
-                                                 uint64_t *bar, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-      "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-}
-
-// L2 cache policies for the .L2::cache_hint operands, each applying one eviction priority to the
-// whole access: evict_first for data read for the last time, evict_last for data that will be read
-// again, evict_normal for neither.
-__device__ __forceinline__ uint64_t l2_policy_evict_first() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_normal() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
 // Stores a shared-memory box to (c0 = innermost coordinate, c1, c2) of a 3-D tensor map; rows past
 // the map's extent are not written. Asynchronous: commit the store with bulk_commit_group() and
 // wait with bulk_wait_group_read() before the buffer is written again. The writes to `src` must
