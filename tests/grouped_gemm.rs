@@ -525,8 +525,10 @@ fn small_tiles_swapped_against_the_cpu() {
 /// of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded into that
 /// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`; folds of at most 16
 /// rows by m64n16 on the 32-row box unless `MOEKIT_GEMM_FOLD_NARROW=0`): last tiles of 1,
-/// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 5
-/// behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160), beside ones that
+/// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 32
+/// behind two (288), 5 behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160)
+/// -- behind two or more full tiles the fold's output halves are split between the last two
+/// (`MOEKIT_GEMM_FOLD_SPREAD`: at K = 4096 by default, at K = 2048 with `=2`), behind one that tile folds alone -- beside ones that
 /// are not folded: 33 rows behind a full tile (161), no ragged tile (256), lone tiles of 16, 8
 /// and 1 rows, empty experts (the mean rows per expert stays above 96, where the kernel folds by
 /// default). Four column blocks and two and a half (N = 640: the fold's second 128 columns of the
@@ -539,7 +541,7 @@ fn folded_last_tiles_against_the_cpu() {
     };
     let seed = fresh_seed();
     let sizes = [
-        129usize, 143, 144, 272, 400, 3205, 145, 160, 161, 256, 16, 8, 0, 1, 0,
+        129usize, 143, 144, 272, 400, 288, 3205, 145, 160, 161, 256, 16, 8, 0, 1, 0,
     ];
     let ids = ids_of_sizes(&sizes, seed);
     let (t, e) = (ids.len(), sizes.len());

@@ -345,6 +345,26 @@ static int fold_narrow() {
   return v == 0 ? 0 : 1;
 }
 
+// Folding kernels: the fold's two output halves go to two CTAs, consumer 0 of the folding tile
+// and consumer 1 of the full tile before it, where K >= 4096 (grouped_gemm_sm90.cuh's fold_role
+// says why: the lone folding CTA fell behind the CTAs sharing its W tile and, with W tiles of
+// 3.67 MB at K = 7168, read W from DRAM again). Measured (H200, BENCHMARKS.md run 40 call 3,
+// 3 rounds, us, alone -> spread; single folding CTAs, DeepSeek-V3):
+// - K = 7168 gate+up SwiGLU, balanced routing with every expert 4 tiles + a fold: T = 16896
+//   (16 rows) 12971-12987 -> 12622-12632 (a fold 0.53 -> 0.41 tile; ncu DRAM reads 26.95 ->
+//   20.11 GB, 17.6 without folds), T = 17408 (32 rows) 13165-13177 -> 12904-12958; uniform
+//   T = 16384 gate+up 12295-12517 -> 12273-12291, SwiGLU 12327-12337 -> 12291-12321; T = 4096
+//   (one full tile per expert: nothing to spread) even.
+// - K = 2048 down, where 1 MB W tiles stay in L2 and the spread only adds shared-memory traffic
+//   (each CTA loads the fold box): balanced T = 16896 6343-6418 -> 6429-6440 (+0.3..1.4%),
+//   uniform T = 16384 6235-6297 -> 6230-6239, T = 4096 even. So: K >= 4096.
+// MOEKIT_GEMM_FOLD_SPREAD=0 never, 1 where K >= 4096 (default), 2 always (A/B timing, tests).
+static int fold_spread(const moekit_grouped_gemm_params &p) {
+  static const int v = env_switch("MOEKIT_GEMM_FOLD_SPREAD", 1);
+  if (v == 0 || v == 2) return v == 2 ? 1 : 0;
+  return p.k >= 4096 ? 1 : 0;
+}
+
 // The most M tiles an expert sweeps across its column blocks at once (decode_tile): an expert with
 // more sweeps in bands of about this many (an even count, the bands as equal as that allows; the
 // last one may be short). Without bands, the CTAs at work hold ~4 column blocks of all 32 M tiles
@@ -528,6 +548,7 @@ extern "C" moekit_status moekit_grouped_gemm(const moekit_grouped_gemm_params *p
   a.swap_small = swap_small();
   a.swap_rows = swap_rows();
   a.fold_narrow = fold_narrow();
+  a.fold_spread = fold_spread(*p);
   if (p->out_dtype == MOEKIT_DTYPE_BF16) return dispatch_epilogue<__nv_bfloat16>(*p, a, stream);
   if (p->out_dtype == MOEKIT_DTYPE_F32) return dispatch_epilogue<float>(*p, a, stream);
   return MOEKIT_ERR_INVALID_ARGUMENT;

@@ -89,6 +89,10 @@ struct Args {
   // Folding kernels of 32 rows: a fold of at most 16 rows runs m64n16 instead of m64n32 (1 always,
   // 0 never; grouped_gemm.cu's fold_narrow).
   int32_t fold_narrow;
+  // Folding kernels: an expert of at least two full tiles before its fold splits the fold's
+  // columns between its last two full tiles (fold_role; 1 always, 0 never; grouped_gemm.cu's
+  // fold_spread).
+  int32_t fold_spread;
 };
 
 struct Tile {
@@ -665,6 +669,44 @@ __device__ __forceinline__ bool folded_away(const Args &a, const Tile &tile) {
   return kFoldRows > 0 && tile.row_end - tile.row0 <= kFoldRows && tile.row0 - __ldg(a.offsets + tile.expert) >= kBlockM;
 }
 
+// Who multiplies a fold (a.fold_spread). The CTA of the folding tile, alone, ran its k-blocks
+// ~1.5x slower than the three CTAs sharing its W tile and fell behind them: by its last k-blocks
+// the L2 had let their W go, and it read them from DRAM again (ncu, DeepSeek-V3 gate+up SwiGLU
+// at T = 16896 balanced, every expert folding 16 rows: 26.95 GB of DRAM reads against 17.6 GB
+// with no folds, BENCHMARKS.md run 40). Spread, the fold's two output halves go to two CTAs --
+// consumer 0 of the folding tile and consumer 1 of the full tile before it, each on the W rows of
+// its own half as before -- so each runs half the extra and both keep closer pace with the rest.
+// The producer tells the role in bits 28-29 of the stage's tile index (a tall pair's bits: no
+// folding kernel runs tall pairs).
+enum FoldRole : int {
+  kNoFold = 0,
+  kFoldBoth = 1,    // the folding tile, both consumers fold (no full tile before it, or not spread)
+  kFoldFirst = 2,   // the folding tile, consumer 0 folds (its output half); the helper has the other
+  kFoldHelper = 3,  // the full tile before a folding one: consumer 1 folds (a box 256 rows past row0)
+};
+template <int kFoldRows>
+__device__ __forceinline__ int fold_role(const Args &a, const Tile &tile) {
+  if constexpr (kFoldRows == 0) {
+    return kNoFold;
+  } else {
+    const int span = tile.row_end - tile.row0;
+    if (folds_next<kFoldRows>(tile.row0, tile.row_end)) {
+      const bool helped = a.fold_spread != 0 && tile.row0 - __ldg(a.offsets + tile.expert) >= kBlockM;
+      return helped ? kFoldFirst : kFoldBoth;
+    }
+    // 256 < span <= 256 + kFoldRows holds exactly for the full tile two before an expert's last
+    // tile of at most kFoldRows rows, i.e. the full tile before the folding one.
+    if (a.fold_spread != 0 && span > 2 * kBlockM && span <= 2 * kBlockM + kFoldRows) return kFoldHelper;
+    return kNoFold;
+  }
+}
+// The first row of the fold box a tile of this role loads and writes.
+__device__ __forceinline__ int fold_row0(int role, int row0) { return row0 + (role == kFoldHelper ? 2 : 1) * kBlockM; }
+// Whether this consumer multiplies the fold box in a tile of this role.
+__device__ __forceinline__ bool folds_here(int role, int consumer) {
+  return role == kFoldBoth || (role == kFoldFirst && consumer == 0) || (role == kFoldHelper && consumer == 1);
+}
+
 // The k-blocks of a folding tile: the consumer's m64n256 over its X half and, in the same
 // k16 slices, the fold box's rows swapped against the two 64-row W slices of w (one m64nF
 // each). One loop of its own with its own accumulators: ptxas keeps one gsb0 per loop (a second
@@ -827,7 +869,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const Tile tile = decode_tile(a, kSplitK ? t / splits : t, col_blocks);
         if (folded_away<kFoldRows>(a, tile)) continue;  // its rows ride with the tile before it
-        const bool fold = folds_next<kFoldRows>(tile.row0, tile.row_end);
+        const int role = fold_role<kFoldRows>(a, tile);
+        const bool fold = role != kNoFold;
         const int w_row = tile.expert * a.n + tile.col_block * kColsPerTile;
         const int kb_begin = kSplitK ? (t % splits) * a.kb_per_split : 0;
         const int kb_end = kSplitK ? min(k_blocks, kb_begin + a.kb_per_split) : k_blocks;
@@ -847,7 +890,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int kb = kb_begin; kb < kb_end; ++kb) {
             sm90::mbar_wait(&empty[stage], phase ^ 1);
             // Published by the arrive below (release), read after the consumers' wait (acquire).
-            stage_info[stage] = make_int4(t, tile.row0, tile.row_end, tile.col_block);
+            stage_info[stage] = make_int4(t | (role << 28), tile.row0, tile.row_end, tile.col_block);
             sm90::mbar_arrive_expect_tx(&full[stage], stage_bytes);
             sm90::tma_load_2d(sa + stage * kTileA, &map_x, kb * kBlockK, tile.row0, &full[stage]);
             if (second_half) {
@@ -862,7 +905,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm90::tma_load_2d(sb + stage * kTileB, &map_w, kb * kBlockK, w_row, &full[stage]);
             }
             if constexpr (kWithFold) {
-              sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, tile.row0 + kBlockM,
+              sm90::tma_load_2d(sf + stage * kFoldRows * kBlockK, &map_xf, kb * kBlockK, fold_row0(role, tile.row0),
                                 &full[stage]);
             }
             if (++stage == kStages) {
@@ -938,10 +981,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       // without a single fold, BENCHMARKS.md run 32).
       bool folded = false;
       if constexpr (kFoldRows > 0) {
-        if (folds_next<kFoldRows>(tile.row0, tile.row_end)) {
+        // Where this consumer does not fold (fold_role), the fold box in the stage goes unread.
+        const int role = (t >> 28) & 3;
+        if (folds_here(role, consumer)) {
           float acc_fold[kFoldRows];
           const WHalf w = w_half<BN, kEpilogue>((uint32_t)consumer);
-          if (kFoldRows == 32 && a.fold_narrow != 0 && tile.row_end - (tile.row0 + kBlockM) <= 16) {
+          const int fold0 = fold_row0(role, tile.row0);
+          if (kFoldRows == 32 && a.fold_narrow != 0 && tile.row_end - fold0 <= 16) {
             consume_folded<BN, kStages, kFoldRows, 16>(acc, acc_fold, sa, sb, sf, full, empty, stage, phase, k_blocks,
                                                        a_consumer, lane, w);
           } else {
@@ -950,7 +996,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           // The folded rows first: epilogue_swapped waits for earlier TMA stores to have read the
           // staging buffer, which the tile's own stores (issued last) would make it do at once.
-          epilogue_swapped<kEpilogue, kFoldRows>(a, tile.row0 + kBlockM, tile.row_end, 2 * tile.col_block + consumer,
+          epilogue_swapped<kEpilogue, kFoldRows>(a, fold0, tile.row_end, 2 * tile.col_block + consumer,
                                                  acc_fold, consumer, warp, lane, staging + consumer * kStagingBytes);
           folded = true;
         }
