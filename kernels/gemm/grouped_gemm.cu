@@ -269,8 +269,12 @@ inline int64_t mean_rows_per_expert(const moekit_grouped_gemm_params &p) {
 // math: its m64n16 WGMMAs read the W slices from shared memory again (2.5 KB for 1/16 of an
 // m64n256's math). Measured directly (H200, BENCHMARKS.md run 39 call 6: balanced routing with
 // every DeepSeek-V3 expert at 512 + F rows against 512, T = 16384, in tiles of one expert's
-// column block): a fold of 16 rows costs 0.31 tile at K = 2048 (down) and 0.66 at K = 7168
-// (gate+up SwiGLU), 32 rows 0.38 / 0.69; the unfolded 33-64-row tail on one consumer 0.71 / 0.76.
+// column block): a fold of 16 rows costs 0.31 tile at K = 2048 (down), 32 rows 0.38, a 33-64-row
+// tail on one consumer 0.71. At K = 7168 (gate+up SwiGLU; BENCHMARKS.md run 40 calls 2-3, the
+// single folding CTAs forced by MOEKIT_GEMM_FOLD_OVER_PAIRS=1, since at more than 512 rows per
+// expert the pairs run) a fold of 16 rows costs 0.46-0.50 tile alone and ~0.36 spread
+// (fold_spread), 32 rows 0.58 / ~0.50, a 48-row tail on one consumer 0.84 (the pairs' tail
+// pairs: 0.65, 0.73, 0.74; run 39's table of 0.66 / 0.69 / 0.76 measured those, not folds).
 // The measurements below fold 16 rows.
 // The folding kernel ran 1.4-2.6% slower than the plain one on tiles that fold nothing until its
 // producer got a k-block loop of its own for folding tiles (the fold box's predicated load in
@@ -351,7 +355,7 @@ static int fold_narrow() {
 // 3.67 MB at K = 7168, read W from DRAM again). Measured (H200, BENCHMARKS.md run 40 call 3,
 // 3 rounds, us, alone -> spread; single folding CTAs, DeepSeek-V3):
 // - K = 7168 gate+up SwiGLU, balanced routing with every expert 4 tiles + a fold: T = 16896
-//   (16 rows) 12971-12987 -> 12622-12632 (a fold 0.53 -> 0.41 tile; ncu DRAM reads 26.95 ->
+//   (16 rows) 12971-12987 -> 12622-12632 (a fold ~0.48 -> ~0.36 tile; ncu DRAM reads 26.95 ->
 //   20.11 GB, 17.6 without folds), T = 17408 (32 rows) 13165-13177 -> 12904-12958; uniform
 //   T = 16384 gate+up 12295-12517 -> 12273-12291, SwiGLU 12327-12337 -> 12291-12321; T = 4096
 //   (one full tile per expert: nothing to spread) even.
