@@ -182,7 +182,7 @@ static bool use_w_pairs(const moekit_grouped_gemm_params &p, bool would_fold) {
 }
 
 // Whether the 128 x 256 kernels with a bf16 STORE or SWIGLU output write it through TMA stores
-// (grouped_gemm_sm90.cuh's epilogue_tma): the consumers stage the tile and go back to their MMAs
+// (grouped_gemm_epilogue.cuh's epilogue_tma): the consumers stage the tile and go back to their MMAs
 // while the stores drain, where the staged 16-byte stores kept both consumers (and so the tensor
 // pipe) in the epilogue -- 7-8% of a K = 2048 GEMM (BENCHMARKS.md run 28). Staging the whole tile
 // takes 32 KB per consumer for 256 plain columns, so single CTAs run 3 stages; pairs (K >= 4096,
@@ -199,7 +199,7 @@ static bool use_tma_stores() {
   return v != 0;
 }
 
-// Tall pairs in the pair kernels (grouped_gemm_sm90.cuh's produce_pairs). An expert's full M tile
+// Tall pairs in the pair kernels (grouped_gemm_pairs.cuh's produce_pairs). An expert's full M tile
 // paired with its last tile of at most 64 rows ran that last tile on one warpgroup at the full
 // tile's pace, multiplying 64 rows for a few real ones (DeepSeek-V3 T = 4096: ~128 rows per
 // expert, half of the experts end in a tile of ~1-30 rows). A tall pair splits the 192 rows: each
@@ -227,7 +227,7 @@ static int tall_pairs() {
 // 128 x 256 kernels with bf16 outputs: a tile of at most swap_rows rows (16 in the pair kernels
 // until run 34; an expert's last: at DeepSeek-V3 T = 4096 half of the experts end in one of
 // ~1-30 rows) runs swapped on both
-// consumers, each on half of the W tile's rows (grouped_gemm_sm90.cuh's run_swapped), instead of
+// consumers, each on half of the W tile's rows (grouped_gemm_swapped.cuh's run_swapped), instead of
 // one consumer multiplying 64 rows: the tall pairs' finding that the capped time follows the math
 // done. 0 never, 1 in the single-CTA kernels (K < 4096), 2 in the pair kernels too (K >= 4096:
 // tail pairs, lone tiles, W-sharing pairs outside tall pairs). Measured (H200, BENCHMARKS.md run
@@ -263,7 +263,7 @@ inline int64_t mean_rows_per_expert(const moekit_grouped_gemm_params &p) {
 
 // Folded last tiles in the single-CTA bf16 kernels with TMA stores (plain since run 32, SwiGLU
 // since run 35; K >= 4096 too where fold_beats_pairs prefers them to pairs;
-// grouped_gemm_sm90.cuh's consume_folded): an expert's
+// grouped_gemm_fold.cuh's consume_folded): an expert's
 // last M tile of at most fold_rows() rows behind a full one runs inside that full tile instead of
 // as a tile of its own that streams a whole W tile for a few rows. The fold costs more than its
 // math: its m64n16 WGMMAs read the W slices from shared memory again (2.5 KB for 1/16 of an
@@ -350,7 +350,7 @@ static int fold_narrow() {
 }
 
 // Folding kernels: the fold's two output halves go to two CTAs, consumer 0 of the folding tile
-// and consumer 1 of the full tile before it, where K >= 4096 (grouped_gemm_sm90.cuh's fold_role
+// and consumer 1 of the full tile before it, where K >= 4096 (grouped_gemm_fold.cuh's fold_role
 // says why: the lone folding CTA fell behind the CTAs sharing its W tile and, with W tiles of
 // 3.67 MB at K = 7168, read W from DRAM again). Measured (H200, BENCHMARKS.md run 40 call 3,
 // 3 rounds, us, alone -> spread; single folding CTAs, DeepSeek-V3):
