@@ -521,19 +521,20 @@ fn small_tiles_swapped_against_the_cpu() {
     check::<bf16>(&ctx, &mut c, Epi::RowScale, 5e-3);
 }
 
-/// K = 2048 (single CTAs), plain and SwiGLU bf16 outputs (the kernels with TMA stores): an expert's last tile
-/// of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded into that
-/// full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`; folds of at most 16
-/// rows by m64n16 on the 32-row box unless `MOEKIT_GEMM_FOLD_NARROW=0`): last tiles of 1,
+/// K = 2048 (single CTAs), plain and SwiGLU bf16 outputs (the kernels with TMA stores): an expert's
+/// last tile of at most 32 rows (16 with `MOEKIT_GEMM_FOLD_ROWS=16`) behind a full one is folded
+/// into that full tile (the kernel's consume_folded, unless `MOEKIT_GEMM_FOLD_SMALL=0`; folds of at
+/// most 16 rows by m64n16 on the 32-row box unless `MOEKIT_GEMM_FOLD_NARROW=0`): last tiles of 1,
 /// 15 and 16 rows behind one full tile (129, 143, 144), 16 behind two and three (272, 400), 32
 /// behind two (288), 5 behind 25 in the last of two bands (3205), 17 and 32 behind one (145, 160)
 /// -- behind two or more full tiles the fold's output halves are split between the last two
-/// (`MOEKIT_GEMM_FOLD_SPREAD`: at K = 4096 by default, at K = 2048 with `=2`), behind one that tile folds alone -- beside ones that
-/// are not folded: 33 rows behind a full tile (161), no ragged tile (256), lone tiles of 16, 8
-/// and 1 rows, empty experts (the mean rows per expert stays above 96, where the kernel folds by
-/// default). Four column blocks and two and a half (N = 640: the fold's second 128 columns of the
-/// last block lie past N), segments packed and padded to 8 rows (the fold box then reads padding
-/// rows), against the CPU with poisoned outputs; then K = 4096 on single CTAs against the oracle.
+/// (`MOEKIT_GEMM_FOLD_SPREAD`: at K = 4096 by default, at K = 2048 with `=2`), behind one that tile
+/// folds alone -- beside ones that are not folded: 33 rows behind a full tile (161), no ragged tile
+/// (256), lone tiles of 16, 8 and 1 rows, empty experts (the mean rows per expert stays above 96,
+/// where the kernel folds by default). Four column blocks and two and a half (N = 640: the fold's
+/// second 128 columns of the last block lie past N), segments packed and padded to 8 rows (the fold
+/// box then reads padding rows), against the CPU with poisoned outputs; then K = 4096 on single
+/// CTAs against the oracle.
 #[test]
 fn folded_last_tiles_against_the_cpu() {
     let Some(ctx) = gpu("folded_last_tiles_against_the_cpu") else {

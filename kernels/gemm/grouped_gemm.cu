@@ -365,7 +365,8 @@ static int fold_narrow() {
 // MOEKIT_GEMM_FOLD_SPREAD=0 never, 1 where K >= 4096 (default), 2 always (A/B timing, tests).
 static int fold_spread(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_SPREAD", 1);
-  if (v == 0 || v == 2) return v == 2 ? 1 : 0;
+  if (v == 0) return 0;
+  if (v == 2) return 1;
   return p.k >= 4096 ? 1 : 0;
 }
 
