@@ -3,10 +3,10 @@
 # packed by scripts/pack-gpu-bundle.sh and carried as .gpu-packed/):
 # the GPU tests (MOEKIT_REQUIRE_GPU=1), compute-sanitizer memcheck and racecheck over them, the
 # benchmark report and the torch anchors of the same machine. Logs go to $OUT; a summary is
-# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla,power,ceiling
+# printed last. Steps: any of tests,memcheck,racecheck,bench,anchors,demo,router,criterion,ncu-gemm,ncu-gating,ncu-mla,power,energy,ceiling
 # (default: tests,memcheck,racecheck,bench,anchors). Extra env: REPORT_FILTER (bench_report
 # --filter), SANITIZE (test binaries for the sanitizers, default all), ANCHOR_CASES, ANCHOR_TOKENS, NCU_GEMM_CASES,
-# POWER_CASES, CEILING_FILTER, CEILING_ROUNDS, DEADLINE (seconds; later sanitizer runs skip).
+# POWER_CASES, ENERGY_CASES, CEILING_FILTER, CEILING_ROUNDS, DEADLINE (seconds; later sanitizer runs skip).
 set -u
 cd "$(dirname "$0")/.."
 # A bundle carried packed (scripts/pack-gpu-bundle.sh) is unpacked first.
@@ -129,10 +129,19 @@ if has power; then
   done
   summary+=("power: $(wc -l <"$out/power.txt" 2>/dev/null || echo 0) cases")
 fi
+if has energy; then
+  # Joules per launch at the power limit (scripts/energy_per_launch.py, NVML's energy counter): cuBLAS
+  # GEMMs of the T = 4096 layer's FLOPs, a read of its weights, and bench_report cases back to
+  # back for ~5 s each (BENCHMARKS.md run 41: each bar as a joule budget).
+  timeout 500 python3 scripts/energy_per_launch.py \
+    --cases "${ENERGY_CASES:-dsv3/T4096/layer,dsv3/T16384/gemm-up,dsv3/T16384/gemm-up-swiglu-balanced,dsv3/T16384/gemm-up-dense}" \
+    --json "$out/energy.json" >"$out/energy.txt" 2>&1
+  summary+=("energy: rc=$?")
+fi
 # Sanitizers last: the slowest step, cut by DEADLINE.
 has memcheck && san memcheck
 has racecheck && san racecheck
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 tar czf "$final/logs.tgz" -C "$out" .
-for f in bench.txt bench.json torch.json summary.txt demo.txt router-cublas.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
+for f in bench.txt bench.json torch.json summary.txt demo.txt router-cublas.txt energy.json; do [ -f "$out/$f" ] && cp "$out/$f" "$final/"; done
 exit 0  # the steps' results are in the summary; a missing optional file is not a failure

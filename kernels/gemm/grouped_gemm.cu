@@ -317,6 +317,12 @@ static bool fold_swiglu() {
 //   11096-11106, down 5540-5567 -> 5520-5690: within the rounds' spread.
 // - A skewed router (178 of 256 experts hit, max 1076 rows, mean 128), DeepSeek-V3 T = 4096
 //   gate+up SwiGLU in the layer: 3669-3670 -> 3780-3782 (+3%): the skew the mean cannot see.
+// - Above 512 rows, uniform routing (run 41 call 1, 2 rounds, SwiGLU, pairs -> single): T = 16896
+//   13080-13254 -> 13356-13362, T = 20480 15319-15346 -> 15536-15539, T = 24576 18231-18302 ->
+//   18538, T = 32768 23400-23422 -> 24087-24208 (+1.4..+3%), though balanced routing with every
+//   expert folding favoured the single CTAs at 528 and 544 rows (run 40): the threshold stays.
+//   Mixtral T = 16384 gate+up 11489-11527 -> 11449-11465 (-0.4%), Zipf even; the T = 4096 layer
+//   (single by default) 7215-7262 against 7344-7380 with pairs forced.
 // MOEKIT_GEMM_FOLD_OVER_PAIRS=0 never, 1 always (A/B timing).
 static bool fold_beats_pairs(const moekit_grouped_gemm_params &p) {
   static const int v = env_switch("MOEKIT_GEMM_FOLD_OVER_PAIRS", -1);

@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""Energy per operation on the GPU (NVML's total-energy counter), and what it implies for a layer
-that runs back to back at the board's power limit.
+"""Joules per launch on the GPU (NVML's total-energy counter), for cases that run back to back at
+the board's power limit.
 
-Why: `dsv3/T4096/layer` runs 6.5 ms eagerly and 7.0-7.3 ms back to back, where the board holds
-its 700 W limit (BENCHMARKS.md run 36: SW power cap active, SM clock ~1440 MHz). Whether 6.6 ms
-is reachable back to back is then a question of joules: the layer must at least do its FLOPs
-(measured here as cuBLAS bf16 GEMMs of the same FLOPs, at cuBLAS's energy per FLOP) and read its
-weights once (a read-only stream of the same bytes). Their dynamic energies (above the idle
-draw) over the power left above idle give a time no schedule of that work beats at the limit,
-to first order (a lower clock lowers the energy per FLOP too, which this does not model).
+Why: back to back, the long GEMMs, the MLA decompression and the MoE layer run at the H200's
+700 W limit (BENCHMARKS.md run 36: SW power cap active, SM clock ~1300-1500 MHz). There a
+case's time is its joules over ~700 W, so a speed bar of t ms is a budget of ~0.7 t joules, and
+what decides it is the energy a launch spends, not its cycles (BENCHMARKS.md run 41 compares
+every bar's budget with what its case, the same routing balanced, and a dense GEMM of its FLOPs
+spend).
 
-usage: python3 scripts/energy_bound.py [--bench .gpu/examples/bench_report --cases C1,C2]
-                                         [--json FILE]
-  --cases: bench_report cases (exact names) to run back to back for ~5 s each while the script
-  samples the energy counter: their joules per launch beside the bound.
+It measures, each back to back until steady:
+- cuBLAS bf16 GEMMs (torch.mm) of the DeepSeek-V3 T = 4096 layer's FLOPs, and a read-only
+  stream (torch.sum) of the layer's weight bytes: two reference points of energy per FLOP and
+  per byte (the read at full clock: its SMs' energy is not what a GEMM spends streaming weights);
+- --zero-rows F,...: the gate+up-shaped cuBLAS GEMM with a fraction F of X's rows zero (what
+  padding rows of zeros would save);
+- --cases C,...: bench_report cases (exact names), ~5 s each, the energy counter sampled while
+  they run.
+
+usage: python3 scripts/energy_per_launch.py [--bench .gpu/examples/bench_report] [--cases C1,C2]
+                                       [--zero-rows 0,0.25] [--json FILE]
 """
 import argparse
 import ctypes
@@ -45,6 +51,13 @@ class Nvml:
         mw = ctypes.c_uint()
         assert self.lib.nvmlDeviceGetEnforcedPowerLimit(self.handle, ctypes.byref(mw)) == 0
         return mw.value / 1000.0
+
+    def clock_events(self):
+        """Why the clocks are held down now: NVML's clocks-event-reasons bit mask."""
+        mask = ctypes.c_ulonglong()
+        if self.lib.nvmlDeviceGetCurrentClocksEventReasons(self.handle, ctypes.byref(mask)) != 0:
+            return 0
+        return mask.value
 
     def sm_mhz(self):
         mhz = ctypes.c_uint()
@@ -96,7 +109,7 @@ def sample_command(nvml, cmd):
 
     def loop():
         while not stop.is_set():
-            samples.append((time.time(), nvml.energy_j(), nvml.sm_mhz()))
+            samples.append((time.time(), nvml.energy_j(), nvml.sm_mhz(), nvml.clock_events()))
             time.sleep(0.02)
 
     th = threading.Thread(target=loop)
@@ -126,13 +139,18 @@ def sample_command(nvml, cmd):
         else:
             run = []
     if len(best) < 5:
-        return proc, None, None
+        return proc, None, None, {}
     k = len(best)
     mid = best[int(0.2 * k) : int(0.8 * k)] or best
     a, b = mid[0][3], mid[-1][4]
     watts = (samples[b][1] - samples[a][1]) / (samples[b][0] - samples[a][0])
     mhz = statistics.median(s[2] for s in samples[a:b + 1])
-    return proc, watts, mhz
+    # The clock-event reasons seen in the window, by share of samples (BENCHMARKS.md run 41: a
+    # short case run for seconds slowed at full clock and under the power limit).
+    names = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
+    window = samples[a:b + 1]
+    reasons = {n: round(sum(1 for s in window if s[3] & bit) / len(window), 2) for bit, n in names.items()}
+    return proc, watts, mhz, {n: v for n, v in reasons.items() if v > 0}
 
 
 def bench_case(nvml, bench, case, idle):
@@ -146,8 +164,10 @@ def bench_case(nvml, bench, case, idle):
     us = json.load(open(tmp))[case]["us"]
     reps = max(50, int(5e6 / (us + 100)))
     cmd = [bench, "--filter", "=" + case, "--reps", str(reps), "--json", tmp]
-    proc, watts, mhz = sample_command(nvml, cmd)
-    out = {"reps": reps, "rc": proc.returncode, "w": watts, "sm_mhz": mhz}
+    proc, watts, mhz, reasons = sample_command(nvml, cmd)
+    # short_ms: the 20-launch run's median (the report's burst) beside the ~5 s run's.
+    out = {"reps": reps, "rc": proc.returncode, "w": watts, "sm_mhz": mhz, "clock_events": reasons,
+           "short_ms": us / 1e3}
     try:
         v = json.load(open(tmp))[case]
         out["ms"], out["tflops"] = v["us"] / 1e3, v.get("tflops")
@@ -159,18 +179,53 @@ def bench_case(nvml, bench, case, idle):
     return out
 
 
+def zero_rows_gemm(nvml, frac):
+    """The routed gate+up's shape ([32768, 7168] x [7168, 4096], bf16) with the first rows of
+    every 1024-row band zero, frac of them in whole 64-row blocks: joules and time per GEMM."""
+    dev = torch.device("cuda")
+    x = torch.randn(32768, 7168, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(4096, 7168, device=dev, dtype=torch.bfloat16) * 0.02
+    zero = int(round(frac * 16)) * 64  # rows of each 1024-row band
+    if zero:
+        x.view(32, 1024, 7168)[:, :zero] = 0
+    y = torch.empty(32768, 4096, device=dev, dtype=torch.bfloat16)
+    ms, j, w_, mhz = steady(nvml, lambda: torch.mm(x, w.t(), out=y))
+    return {"zero_rows": zero / 1024, "ms": ms, "j": j, "w": w_, "sm_mhz": mhz}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", default=".gpu/examples/bench_report")
     ap.add_argument("--cases", default="")
+    ap.add_argument("--zero-rows", default="",
+                    help="fractions of X's rows set to zero in the gate+up-shaped cuBLAS GEMM "
+                         "(whole 64-row blocks), each timed for its joules: what padding rows of "
+                         "zeros would save at the power limit")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="skip the cuBLAS GEMMs and the read stream (only --cases / --zero-rows)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     nvml = Nvml()
     torch.manual_seed(0)
-    limit = nvml.limit_w()
-    res = {"limit_w": limit}
+    res = {"limit_w": nvml.limit_w()}
     res["idle_w"] = idle_power(nvml)
 
+    if not args.skip_reference:
+        reference_points(nvml, res)
+    idle = res["idle_w"]
+    for case in filter(None, args.cases.split(",")):
+        res.setdefault("cases", {})[case] = bench_case(nvml, args.bench, case, idle)
+
+    for frac in filter(None, args.zero_rows.split(",")):
+        res.setdefault("zero_rows", {})[frac] = zero_rows_gemm(nvml, float(frac))
+
+    print(json.dumps(res, indent=1))
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+
+
+def reference_points(nvml, res):
+    """cuBLAS GEMMs of the layer's FLOPs and a read of its weight bytes, into res."""
     # DeepSeek-V3 T = 4096, k = 8: the routed FLOPs (32768 rows through gate+up [7168 -> 4096]
     # and down [2048 -> 7168]) and one shared expert over 4096 rows, as dense bf16 GEMMs.
     dev = torch.device("cuda")
@@ -201,24 +256,12 @@ def main():
 
     def read():
         for _ in range(reps):
-            torch.sum(buf, out=out)
+            torch.sum(buf, dim=0, out=out)
 
     ms, j, w, mhz = steady(nvml, read)
     gb = reps * buf.numel() * 4 / 1e9
     res["read"] = {"gb": gb, "ms": ms, "j": j, "w": w, "sm_mhz": mhz, "gbps": gb / ms * 1e3}
     del buf
-
-    idle = res["idle_w"]
-    dyn = (res["gemm"]["j"] - idle * res["gemm"]["ms"] / 1e3) + (res["read"]["j"] - idle * res["read"]["ms"] / 1e3)
-    res["bound_ms"] = max(dyn / (limit - idle) * 1e3, res["gemm"]["ms"], res["read"]["ms"])
-    res["dynamic_j"] = dyn
-
-    for case in filter(None, args.cases.split(",")):
-        res.setdefault("cases", {})[case] = bench_case(nvml, args.bench, case, idle)
-
-    print(json.dumps(res, indent=1))
-    if args.json:
-        json.dump(res, open(args.json, "w"), indent=1)
 
 
 if __name__ == "__main__":
