@@ -128,11 +128,11 @@ def sample_command(nvml, cmd):
         if j >= len(samples):
             break
         p = (samples[j][1] - samples[i][1]) / (samples[j][0] - samples[i][0])
-        wins.append((samples[i][0], samples[j][0], p, i, j))
+        wins.append((p, i, j))  # watts, first and last sample
         i = j
     best, run = [], []
     for w in wins:
-        if w[2] > 0.5 * limit:
+        if w[0] > 0.5 * limit:
             run.append(w)
             if len(run) > len(best):
                 best = list(run)
@@ -142,7 +142,7 @@ def sample_command(nvml, cmd):
         return proc, None, None, {}
     k = len(best)
     mid = best[int(0.2 * k) : int(0.8 * k)] or best
-    a, b = mid[0][3], mid[-1][4]
+    a, b = mid[0][1], mid[-1][2]
     watts = (samples[b][1] - samples[a][1]) / (samples[b][0] - samples[a][0])
     mhz = statistics.median(s[2] for s in samples[a:b + 1])
     # The clock-event reasons seen in the window, by share of samples (BENCHMARKS.md run 41: a

@@ -229,6 +229,9 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   if (!wgmma_supports(params)) return MOEKIT_ERR_UNSUPPORTED;
   moekit_mla_decompress_params p = params;
   const bool pregathered = p.block_table != nullptr && p.gathered != nullptr && pregather_enabled();
+  // A paged source without the gather builds its row table first; a contiguous one zeroes the tile
+  // counter first only under MOEKIT_MLA_PREPARE=1 (the counter rests at zero, see below).
+  const bool prepare = !pregathered && (p.block_table != nullptr || !skip_prepare());
   if (pregathered) {
     // The warp-wide sequence lookup (paged_row_warp) against the binary search, H200 (BENCHMARKS.md
     // run 27 call 10, 4 rounds): paged T = 1024 65.26-65.52 -> 64.64-65.06 us, +5.0..+5.3% ->
@@ -242,7 +245,7 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
     p.latent_stride = p.k_pe_stride = p.rank + p.d_rope;
     p.num_rows = p.tokens;
     p.block_table = nullptr;
-  } else if (p.block_table != nullptr || !skip_prepare()) {
+  } else if (prepare) {
     const int prepare_threads = 256;
     const int prepare_blocks = p.block_table != nullptr ? (int)ceil_div(p.tokens, prepare_threads) : 1;
     prepare_kernel<<<prepare_blocks, prepare_threads, 0, stream>>>(p);
@@ -278,7 +281,7 @@ static moekit_status run_wgmma(const moekit_mla_decompress_params &params, moeki
   // too.
   // Whether a kernel of this call (the zeroing, the row table or the gather) runs first: then the
   // decompression kernel launches as its programmatic dependent.
-  const bool dependent = pregathered || p.block_table != nullptr || !skip_prepare();
+  const bool dependent = pregathered || prepare;
   // MOEKIT_MLA_GROUP=n sets the tile order's group of M tiles (decompress_sm90.cuh's kGroupM has
   // the measurements; 16 and 64 measured within noise of 32 in BENCHMARKS.md run 34 call 2).
   static const int group_m = env_switch("MOEKIT_MLA_GROUP", kGroupM);
